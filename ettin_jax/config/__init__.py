@@ -1,0 +1,37 @@
+"""Recipes: typed sections, YAML and gin loading, dotted overrides, validation."""
+
+from ettin_jax.config.loading import (
+    load_recipe,
+    recipe_from_preset,
+    recipe_to_dict,
+    recipe_to_yaml,
+)
+from ettin_jax.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    MeshConfig,
+    OptimizerConfig,
+    PhaseConfig,
+    Recipe,
+    ScheduleConfig,
+    TrainConfig,
+)
+from ettin_jax.errors import ConfigError
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "MeshConfig",
+    "OptimizerConfig",
+    "PhaseConfig",
+    "Recipe",
+    "ScheduleConfig",
+    "TrainConfig",
+    "load_recipe",
+    "recipe_from_preset",
+    "recipe_to_dict",
+    "recipe_to_yaml",
+]

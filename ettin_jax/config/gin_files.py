@@ -1,0 +1,77 @@
+"""Gin recipe files: bindings on the same dataclasses the YAML recipes fill.
+
+    model.preset = 'tiny'
+    train.steps = 20
+    recipe.phases = [@pretrain/phase(), @decay/phase()]
+    pretrain/phase.name = 'pretrain'
+    pretrain/phase.steps = 10
+
+Sections are bound by their recipe name (model, data, train, optimizer, schedule, mesh,
+checkpoint, logging), phases through `recipe.phases` and the `phase` configurable. Gin
+itself rejects unknown names (with file and line); types and values go through the same
+validator as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
+import gin
+
+from ettin_jax.config.schema import PhaseConfig, Recipe
+from ettin_jax.errors import ConfigError, did_you_mean
+
+_SECTION_TYPES: dict[str, type] = typing.get_type_hints(Recipe)
+_CONFIGURABLES: dict[str, type] = {
+    **{name: tp for name, tp in _SECTION_TYPES.items() if dataclasses.is_dataclass(tp)},
+    "recipe": Recipe,
+    "phase": PhaseConfig,
+}
+for _name, _cls in _CONFIGURABLES.items():
+    gin.external_configurable(_cls, name=_name)
+
+
+def read_gin_file(path: Path) -> dict[str, typing.Any]:
+    """The raw recipe tree bound by gin file `path`. Raises ConfigError with file and line."""
+    gin.clear_config()
+    try:
+        gin.parse_config_file(str(path))
+        raw: dict[str, typing.Any] = {}
+        for name in _CONFIGURABLES:
+            if name in ("recipe", "phase"):
+                continue
+            bindings = gin.get_bindings(name)
+            if bindings:
+                raw[name] = dict(bindings)
+        phases = gin.get_bindings("recipe").get("phases")
+        if phases is not None:
+            raw["phases"] = [_evaluate(p) for p in phases]
+        return raw
+    except ValueError as err:
+        raise ConfigError(f"{path}: {_with_hint(str(err))}") from None
+    finally:
+        gin.clear_config()
+
+
+def _evaluate(value: typing.Any) -> typing.Any:
+    """Calls a gin reference (@scope/phase()) to get its instance; other values pass through."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        return value.scoped_configurable_fn()
+    return value
+
+
+def _with_hint(message: str) -> str:
+    unknown_param = re.search(r"Configurable '(\w+)' doesn't have a parameter named '(\w+)'", message)
+    if unknown_param and unknown_param.group(1) in _CONFIGURABLES:
+        fields = [f.name for f in dataclasses.fields(_CONFIGURABLES[unknown_param.group(1)])]
+        return f"{message}\n{did_you_mean(unknown_param.group(2), fields).strip()} " \
+               f"Valid keys: {', '.join(fields)}"
+    unknown_name = re.search(r"No configurable matching '([\w/.]+)'", message)
+    if unknown_name:
+        name = unknown_name.group(1).split("/")[-1]
+        return f"{message}\n{did_you_mean(name, _CONFIGURABLES).strip()} " \
+               f"Valid sections: {', '.join(_CONFIGURABLES)}"
+    return message

@@ -1,0 +1,286 @@
+"""Recipe loading: a YAML or gin file, plus dotted key=value overrides, to a validated `Recipe`.
+
+Every source becomes the same raw tree of plain values first; one validator then checks keys
+(unknown -> "did you mean"), types and values, and reports the file (or the override) and the
+dotted key path of the first problem as a `ConfigError`, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from ettin_jax.config.schema import Recipe
+from ettin_jax.errors import ConfigError, did_you_mean
+from ettin_jax.models.config import ModelConfig
+from ettin_jax.models.presets import PRESETS, get_preset
+
+RawTree = dict[str, Any]
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-3 as a float (YAML 1.1 wants 1.0e-3) and rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads 1e-3 as a string; accept an exponent without a dot as a float too.
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml_value(text: str) -> Any:
+    """A scalar or flow value as YAML reads it ("10" -> 10, "1e-3" -> 0.001, "[0, 3]" -> list)."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
+    """Loads a recipe from a YAML (.yaml/.yml) or gin (.gin) file, then applies overrides.
+
+    Args:
+      path: the recipe file; None starts from the defaults of every section.
+      overrides: "dotted.key=value" strings, values parsed as YAML (phases.0.steps=5 indexes).
+    Returns the validated Recipe. Raises ConfigError naming the file or override, the key path
+    and the valid choices.
+    """
+    source = "<defaults>" if path is None else str(path)
+    raw = {} if path is None else read_recipe_file(Path(path))
+    origins: dict[str, str] = {}
+    for text in overrides:
+        key, value = _parse_override(text)
+        _set_path(raw, key, value, text)
+        origins[key] = f"override {text!r}"
+    return build_dataclass(Recipe, raw, key="", where=_Where(source, origins))
+
+
+def recipe_from_preset(name: str, overrides: Sequence[str] = ()) -> Recipe:
+    """The default recipe around model preset `name` (with overrides). Raises ConfigError."""
+    return load_recipe(None, [f"model.preset={name}", *overrides])
+
+
+def read_recipe_file(path: Path) -> RawTree:
+    """The raw tree of a YAML or gin recipe file. Raises ConfigError for unreadable files."""
+    if not path.is_file():
+        raise ConfigError(f"recipe file {path} does not exist")
+    if path.suffix == ".gin":
+        from ettin_jax.config.gin_files import read_gin_file
+
+        return read_gin_file(path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"{path}: unknown recipe format {path.suffix!r}; use .yaml, .yml or .gin")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def recipe_to_dict(recipe: Recipe) -> RawTree:
+    """Plain nested dict/list form of a recipe (what `load_recipe` reads back to an equal one)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(recipe)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML text."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Where:
+    """Where a raw value came from: the file, unless an override set the key or a parent."""
+
+    source: str
+    origins: Mapping[str, str]
+
+    def __call__(self, key: str) -> str:
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            origin = self.origins.get(".".join(parts[:n]))
+            if origin:
+                return origin
+        # A section-level error may come from overrides of keys inside the section.
+        inside = [o for k, o in self.origins.items() if not key or k.startswith(key + ".")]
+        return " + ".join([self.source, *inside])
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self(key)}: {key or 'recipe'}: {message}")
+
+
+def build_dataclass(cls: type, raw: Any, *, key: str, where: _Where) -> Any:
+    """Validated instance of dataclass `cls` from raw mapping `raw` at dotted `key`."""
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise where.error(key, f"expected a mapping of {_type_name(cls)} fields, got {_show(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for name in raw:
+        if name not in fields:
+            full = _join(key, str(name))
+            raise ConfigError(
+                f"{where(full)}: unknown key {full!r}.{did_you_mean(name, fields)} "
+                f"Valid keys{' of ' + key if key else ''}: {', '.join(fields)}"
+            )
+    values = {
+        name: _coerce(hints[name], value, key=_join(key, name), where=where)
+        for name, value in raw.items()
+    }
+    base = _base_instance(cls, values, key, where)
+    if base is None:
+        missing = [
+            name for name, f in fields.items()
+            if name not in values
+            and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise where.error(key, f"missing required key(s): {', '.join(missing)}")
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except ValueError as err:
+        raise where.error(key, str(err)) from None
+
+
+def _base_instance(cls: type, values: Mapping[str, Any], key: str, where: _Where) -> Any:
+    """The instance explicit keys apply on top of: a model section starts from its preset."""
+    if cls is ModelConfig and values.get("preset") is not None:
+        try:
+            return get_preset(values["preset"])
+        except ValueError as err:
+            raise where.error(_join(key, "preset"), str(err)) from None
+    return None
+
+
+def _coerce(tp: Any, value: Any, *, key: str, where: _Where) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key=key, where=where)
+    if origin is Literal:
+        if value in args and type(value) is type(args[0]):
+            return value
+        choices = [str(a) for a in args]
+        raise where.error(
+            key, f"invalid value {_show(value)}.{did_you_mean(str(value), choices)} "
+                 f"Valid choices: {', '.join(choices)}"
+        )
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise where.error(key, f"expected a list of {_type_name(args[0])}, got {_show(value)}")
+        return tuple(
+            _coerce(args[0], item, key=f"{key}.{i}", where=where) for i, item in enumerate(value)
+        )
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key=key, where=where)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # token counts written as 3.0e9
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    raise where.error(key, f"expected {_type_name(tp)}, got {_show(value)}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    kind = "null" if value is None else type(value).__name__
+    return f"{kind} {value!r}" if value is not None else kind
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# --- overrides ---------------------------------------------------------------------------------
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    try:
+        return key, parse_yaml_value(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse the value: {err}") from None
+
+
+def _set_path(raw: RawTree, key: str, value: Any, text: str) -> None:
+    node: Any = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"override {text!r}: {where} indexes a list of {len(node)} entries"
+                )
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            if part.isdigit() and part not in node:
+                raise ConfigError(f"override {text!r}: {where} indexes a list that is not there")
+            index = part
+        else:
+            raise ConfigError(f"override {text!r}: {'.'.join(parts[:depth])} is not a section")
+        if last:
+            node[index] = value
+        else:
+            if isinstance(node, dict) and node.get(index) is None:
+                node[index] = {}
+            node = node[index]
+
+
+__all__ = [
+    "PRESETS",
+    "build_dataclass",
+    "load_recipe",
+    "parse_yaml_value",
+    "read_recipe_file",
+    "recipe_from_preset",
+    "recipe_to_dict",
+    "recipe_to_yaml",
+]

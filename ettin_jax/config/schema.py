@@ -1,0 +1,189 @@
+"""The recipe: one tree of frozen, typed dataclasses describing an Ettin pair.
+
+A recipe holds what encoder and decoder share (architecture, data, training, optimizer,
+schedule, mesh, checkpoints, logging, phases); the only objective-specific field is where
+Ettin differs: `data.mlm_mask_ratio`. Each section validates its own values in
+`__post_init__` (ValueError naming the field); the loader adds the file and key path.
+
+Public contract (scripts and docs rely on these names): train.steps, train.global_batch_size,
+train.seq_len, train.seed, checkpoint.every_steps, mesh.data, mesh.fsdp, model.preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from ettin_jax.models.config import OBJECTIVES, ModelConfig, Objective
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How training rows are made. mlm_mask_ratio: fraction of tokens the encoder predicts."""
+
+    mlm_mask_ratio: float = 0.30
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.mlm_mask_ratio < 1.0,
+                 f"mlm_mask_ratio must be in (0, 1), got {self.mlm_mask_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training run shared by both members.
+
+    steps: optimizer updates; global_batch_size: rows per update over all hosts; seq_len:
+    tokens per row; seed: the one seed of init, data order and masking (Ettin used 21);
+    objectives: which members of the pair to train; microbatch_size: rows per gradient
+    accumulation microbatch (None = no accumulation).
+    """
+
+    steps: int = 1000
+    global_batch_size: int = 8
+    seq_len: int = 1024
+    seed: int = 21
+    objectives: tuple[Objective, ...] = OBJECTIVES
+    microbatch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _require(self.global_batch_size >= 1,
+                 f"global_batch_size must be >= 1, got {self.global_batch_size}")
+        _require(self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}")
+        _require(len(self.objectives) >= 1 and len(set(self.objectives)) == len(self.objectives),
+                 f"objectives must name mlm and/or clm once each, got {list(self.objectives)}")
+        if self.microbatch_size is not None:
+            _require(self.microbatch_size >= 1 and self.global_batch_size % self.microbatch_size == 0,
+                     f"microbatch_size {self.microbatch_size} must divide global_batch_size "
+                     f"{self.global_batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """StableAdamW (Ettin) or AdamW; peak learning rate, betas, eps, decoupled weight decay.
+
+    clip_grad_norm: optional global-norm clipping (StableAdamW's update clipping replaces it).
+    """
+
+    name: Literal["stable_adamw", "adamw"] = "stable_adamw"
+    learning_rate: float = 8e-4
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-6
+    weight_decay: float = 1e-5
+    clip_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("b1", "b2"):
+            _require(0.0 <= getattr(self, name) < 1.0,
+                     f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _require(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.clip_grad_norm is None or self.clip_grad_norm > 0,
+                 f"clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule, timed in real (non-pad) tokens.
+
+    warmup_stable_decay: linear warmup over warmup_tokens, constant, then `decay` ("1-sqrt"
+    or "linear") over the last decay_tokens down to floor x peak. constant: peak throughout.
+    """
+
+    kind: Literal["warmup_stable_decay", "constant"] = "warmup_stable_decay"
+    warmup_tokens: int = 0
+    decay: Literal["1-sqrt", "linear"] = "1-sqrt"
+    decay_tokens: int = 0
+    floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_tokens >= 0, f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
+        _require(self.decay_tokens >= 0, f"decay_tokens must be >= 0, got {self.decay_tokens}")
+        _require(0.0 <= self.floor <= 1.0, f"floor must be in [0, 1], got {self.floor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: `data` (replicas) x `fsdp` (parameter shards); one of them may be -1 (fill)."""
+
+    data: int = -1
+    fsdp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("data", "fsdp"):
+            value = getattr(self, name)
+            _require(value == -1 or value >= 1, f"{name} must be -1 (fill) or >= 1, got {value}")
+        _require(not (self.data == -1 and self.fsdp == -1),
+                 "at most one of mesh.data and mesh.fsdp may be -1 (fill)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints: save every `every_steps`, keep the last `keep` (and every
+    `keep_every`-th step forever when set)."""
+
+    every_steps: int = 1000
+    keep: int = 3
+    keep_every: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, f"every_steps must be >= 1, got {self.every_steps}")
+        _require(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+        _require(self.keep_every is None or self.keep_every >= 1,
+                 f"keep_every must be >= 1 or null, got {self.keep_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Metrics: log every `every_steps` steps; also write TensorBoard events when `tensorboard`."""
+
+    every_steps: int = 10
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, f"every_steps must be >= 1, got {self.every_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+    """One training phase (pre-train, context extension, decay); unset fields keep the recipe's."""
+
+    name: str
+    steps: int
+    seq_len: int | None = None
+    mlm_mask_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "name must not be empty")
+        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _require(self.seq_len is None or self.seq_len >= 2,
+                 f"seq_len must be >= 2, got {self.seq_len}")
+        _require(self.mlm_mask_ratio is None or 0.0 < self.mlm_mask_ratio < 1.0,
+                 f"mlm_mask_ratio must be in (0, 1), got {self.mlm_mask_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A complete, validated recipe for an Ettin encoder/decoder pair."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    phases: tuple[PhaseConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [phase.name for phase in self.phases]
+        _require(len(set(names)) == len(names), f"phases: names must be unique, got {names}")
+

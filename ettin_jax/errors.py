@@ -1,0 +1,18 @@
+"""Error types and the "did you mean" hint shared by every validator."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ConfigError(ValueError):
+    """A recipe, override or preset is invalid; the message names the file, key and value."""
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """Returns " Did you mean 'x'?" for the closest of `choices`, or "" when none is close."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=2, cutoff=0.6)
+    if not close:
+        return ""
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?"

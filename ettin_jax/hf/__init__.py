@@ -1,0 +1,1 @@
+"""HuggingFace transformers interchange (ModernBertForMaskedLM / ModernBertDecoderForCausalLM)."""

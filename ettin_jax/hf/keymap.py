@@ -1,0 +1,126 @@
+"""The one map between native parameter paths and HuggingFace ModernBERT tensor names.
+
+Native kernels are [in, out] (fused ones [in, slot, out]); HF/PyTorch weights are [out, in].
+The encoder stores attention as one fused `Wqkv` [3H, H] (rows Q, K, V, head-major inside);
+the decoder as separate `q_proj`, `k_proj`, `v_proj` [H, H]. The head is `head.*` for the
+encoder and `lm_head.*` for the decoder. `decoder.weight` is tied to the token embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ettin_jax.models.config import ModelConfig, Objective
+
+NativePath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """One native parameter and the HF tensor(s) it becomes.
+
+    to_hf maps the native array to one array per name in `hf_names`; from_hf takes those
+    arrays (in `hf_names` order) and inverts it.
+    """
+
+    native: NativePath
+    hf_names: tuple[str, ...]
+    to_hf: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    from_hf: Callable[..., np.ndarray]
+
+
+def _same(name: str, native: NativePath) -> KeyRule:
+    return KeyRule(native, (name,), lambda a: (a,), lambda a: a)
+
+
+def _transposed(name: str, native: NativePath) -> KeyRule:
+    return KeyRule(native, (name,), lambda a: (a.T,), lambda a: a.T)
+
+
+def _fused(name: str, native: NativePath, slots: int) -> KeyRule:
+    """[in, slots, out] <-> [slots * out, in] (slot-major rows, as HF's fused Wqkv and Wi)."""
+    return KeyRule(
+        native,
+        (name,),
+        lambda a: (a.reshape(a.shape[0], -1).T,),
+        lambda w: w.T.reshape(w.shape[1], slots, w.shape[0] // slots),
+    )
+
+
+def _split_qkv(prefix: str, native: NativePath) -> KeyRule:
+    """[H, 3, H] <-> q_proj, k_proj, v_proj [H, H] each."""
+    names = tuple(f"{prefix}.{p}_proj.weight" for p in "qkv")
+    return KeyRule(
+        native,
+        names,
+        lambda a: tuple(a[:, s, :].T for s in range(3)),
+        lambda q, k, v: np.stack([q.T, k.T, v.T], axis=1),
+    )
+
+
+def key_rules(config: ModelConfig, objective: Objective) -> list[KeyRule]:
+    """Every native parameter of an `EttinModel(config, objective)` with its HF name(s)."""
+    head = "head" if objective == "mlm" else "lm_head"
+    rules = [
+        _same("model.embeddings.tok_embeddings.weight", ("embeddings", "tok_embeddings", "embedding")),
+        _same("model.embeddings.norm.weight", ("embeddings", "norm", "scale")),
+    ]
+    for i in range(config.num_layers):
+        hf, nat = f"model.layers.{i}", ("layers", i)
+        if i != 0:
+            rules.append(_same(f"{hf}.attn_norm.weight", (*nat, "attn_norm", "scale")))
+        if objective == "mlm":
+            rules.append(_fused(f"{hf}.attn.Wqkv.weight", (*nat, "attn", "Wqkv", "kernel"), 3))
+        else:
+            rules.append(_split_qkv(f"{hf}.attn", (*nat, "attn", "Wqkv", "kernel")))
+        rules += [
+            _transposed(f"{hf}.attn.Wo.weight", (*nat, "attn", "Wo", "kernel")),
+            _same(f"{hf}.mlp_norm.weight", (*nat, "mlp_norm", "scale")),
+            _fused(f"{hf}.mlp.Wi.weight", (*nat, "mlp", "Wi", "kernel"), 2),
+            _transposed(f"{hf}.mlp.Wo.weight", (*nat, "mlp", "Wo", "kernel")),
+        ]
+    rules += [
+        _same("model.final_norm.weight", ("final_norm", "scale")),
+        _transposed(f"{head}.dense.weight", ("head", "dense", "kernel")),
+        _same(f"{head}.norm.weight", ("head", "norm", "scale")),
+        _same("decoder.bias", ("decoder_bias",)),
+    ]
+    return rules
+
+
+TIED_HF_NAMES: tuple[str, ...] = ("decoder.weight",)
+
+
+def to_hf_tensors(
+    params: dict[NativePath, np.ndarray], config: ModelConfig, objective: Objective
+) -> dict[str, np.ndarray]:
+    """HF state dict (numpy, [out, in]) from a flat native param dict {path: array}.
+
+    Raises KeyError naming a native parameter the map expects and `params` lacks.
+    """
+    tensors: dict[str, np.ndarray] = {}
+    for rule in key_rules(config, objective):
+        if rule.native not in params:
+            raise KeyError(f"native parameter {'.'.join(map(str, rule.native))} is missing")
+        for name, array in zip(rule.hf_names, rule.to_hf(np.asarray(params[rule.native]))):
+            tensors[name] = np.ascontiguousarray(array)
+    return tensors
+
+
+def from_hf_tensors(
+    tensors: dict[str, np.ndarray], config: ModelConfig, objective: Objective
+) -> dict[NativePath, np.ndarray]:
+    """Flat native param dict {path: array} from an HF state dict (inverse of `to_hf_tensors`).
+
+    Raises KeyError naming the first HF tensor the map needs and `tensors` lacks.
+    """
+    params: dict[NativePath, np.ndarray] = {}
+    for rule in key_rules(config, objective):
+        missing = [name for name in rule.hf_names if name not in tensors]
+        if missing:
+            raise KeyError(f"HF tensor {missing[0]} is missing")
+        params[rule.native] = rule.from_hf(*(np.asarray(tensors[n]) for n in rule.hf_names))
+    return params

@@ -1,0 +1,15 @@
+"""The shared Ettin network: configuration, presets, layers, attention and the model."""
+
+from ettin_jax.models.config import OBJECTIVES, ModelConfig, Objective
+from ettin_jax.models.presets import PRESETS, get_preset
+from ettin_jax.models.transformer import EttinModel, gather_positions
+
+__all__ = [
+    "OBJECTIVES",
+    "PRESETS",
+    "EttinModel",
+    "ModelConfig",
+    "Objective",
+    "gather_positions",
+    "get_preset",
+]

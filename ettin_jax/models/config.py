@@ -1,0 +1,115 @@
+"""The architecture of the shared Ettin network, as one frozen dataclass.
+
+Encoder and decoder are built from the same `ModelConfig`; only the objective ("mlm" or "clm")
+differs, and it is passed when the model is built, not stored here (see `EttinModel`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Objective = Literal["mlm", "clm"]
+OBJECTIVES: tuple[str, ...] = ("mlm", "clm")
+
+AttentionImpl = Literal["xla", "pallas", "cudnn"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the ModernBERT/Ettin transformer shared by encoder and decoder.
+
+    Defaults are the Ettin-150m architecture. `preset` names the preset this config started
+    from (informational; recipes resolve it, see `ettin_jax.models.presets`).
+
+    Fields:
+      local_attention: the full local window, as ModernBERT counts it. The encoder's local
+        layers see keys with |i - j| <= local_attention // 2; the decoder's see the
+        local_attention // 2 most recent keys, itself included (HuggingFace semantics, see
+        `ettin_jax.models.attention.local_window`).
+      global_layers: explicit indices of global-attention layers; when None, layer i is
+        global iff i % global_attn_every_n_layers == 0.
+      global_rope_theta / local_rope_theta: RoPE base of global and local layers.
+      attention_output_dropout: dropout after the attention output projection, the only
+        dropout Ettin trains with; it is off whenever the model runs deterministically.
+      dtype / param_dtype: compute and storage dtypes (bf16 compute with fp32 params is the
+        training setting).
+      attention_impl: which implementation runs attention (`ettin_jax.models.attention`).
+
+    Raises ValueError from construction when the fields are inconsistent, naming the field.
+    """
+
+    preset: str | None = None
+    vocab_size: int = 50368
+    hidden_size: int = 768
+    intermediate_size: int = 1152
+    num_layers: int = 22
+    num_heads: int = 12
+    global_attn_every_n_layers: int = 3
+    global_layers: tuple[int, ...] | None = None
+    local_attention: int = 128
+    global_rope_theta: float = 10_000.0
+    local_rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    attention_output_dropout: float = 0.1
+    init_std: float = 0.02
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+    attention_impl: AttentionImpl = "xla"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim = hidden_size / num_heads = {self.head_dim} must be even for RoPE"
+            )
+        if self.global_attn_every_n_layers < 1:
+            raise ValueError(
+                f"global_attn_every_n_layers must be >= 1, got {self.global_attn_every_n_layers}"
+            )
+        if self.local_attention < 2 or self.local_attention % 2:
+            raise ValueError(
+                f"local_attention must be an even number >= 2 (the full window), "
+                f"got {self.local_attention}"
+            )
+        if self.global_layers is not None:
+            out_of_range = [i for i in self.global_layers if not 0 <= i < self.num_layers]
+            if out_of_range:
+                raise ValueError(
+                    f"global_layers {list(self.global_layers)} has indices {out_of_range} outside "
+                    f"0..{self.num_layers - 1} (num_layers = {self.num_layers})"
+                )
+            if len(set(self.global_layers)) != len(self.global_layers):
+                raise ValueError(f"global_layers {list(self.global_layers)} repeats an index")
+        for name in ("global_rope_theta", "local_rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.attention_output_dropout < 1.0:
+            raise ValueError(
+                f"attention_output_dropout must be in [0, 1), got {self.attention_output_dropout}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Features per attention head (64 in every Ettin size)."""
+        return self.hidden_size // self.num_heads
+
+    def is_global_layer(self, layer: int) -> bool:
+        """Whether `layer` uses global (full-sequence) attention rather than the local window."""
+        if self.global_layers is not None:
+            return layer in self.global_layers
+        return layer % self.global_attn_every_n_layers == 0
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """Per-layer "global" / "local", in layer order."""
+        return tuple(
+            "global" if self.is_global_layer(i) else "local" for i in range(self.num_layers)
+        )

@@ -1,0 +1,175 @@
+"""Building blocks of the Ettin transformer (NNX modules).
+
+Every parameter carries logical axis names; the trainer's rules table maps them to mesh axes:
+  vocab   rows of the token embedding / tied decoder, and the decoder bias
+  embed   the residual stream (hidden_size)
+  heads   attention features (num_heads * head_dim) of Q, K, V and the output projection
+  qkv     the Q/K/V slot of the fused projection (size 3; never sharded)
+  mlp     feed-forward features: the GLU intermediate and the prediction head's dense output
+  glu     the input/gate slot of the GLU projection (size 2; never sharded)
+  norm    LayerNorm scales (never sharded)
+Parameters are created with eager sharding off: placement is the trainer's job.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ettin_jax.models.attention import dot_product_attention, local_window
+from ettin_jax.models.config import ModelConfig
+from ettin_jax.models.rope import apply_rope
+
+RopeTables = dict[str, tuple[jax.Array, jax.Array]]
+
+
+def _logical(init: Callable, *axes: str | None) -> Callable:
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def truncated_normal(std: float) -> Callable:
+    """Megatron initializer: normal(0, std) truncated at 2 std."""
+    return jax.nn.initializers.truncated_normal(stddev=std, lower=-2.0, upper=2.0)
+
+
+def output_std(config: ModelConfig) -> float:
+    """Init std of the residual output projections (attention Wo, MLP Wo): std / sqrt(2L)."""
+    return config.init_std / math.sqrt(2.0 * config.num_layers)
+
+
+def layer_norm(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """Scale-only LayerNorm over hidden_size, eps from config."""
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.norm_eps,
+        use_bias=False,
+        scale_init=_logical(nnx.initializers.ones, "norm"),
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        rngs=rngs,
+    )
+
+
+def _dense(n_in: int, n_out: int, std: float, axes: tuple[str, str], config: ModelConfig,
+           rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        n_in, n_out, use_bias=False, kernel_init=_logical(truncated_normal(std), *axes),
+        dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs,
+    )
+
+
+def _fused(n_in: int, slots: int, n_out: int, axes: tuple[str, str, str], config: ModelConfig,
+           rngs: nnx.Rngs) -> nnx.Einsum:
+    """A bias-free projection [.., n_in] -> [.., slots, n_out] (fused Q/K/V or GLU halves)."""
+    return nnx.Einsum(
+        "...i,isf->...sf", (n_in, slots, n_out),
+        kernel_init=_logical(truncated_normal(config.init_std), *axes),
+        dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs,
+    )
+
+
+class Embeddings(nnx.Module):
+    """Token embedding followed by a LayerNorm (no position embeddings: RoPE does that)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.tok_embeddings = nnx.Embed(
+            config.vocab_size, config.hidden_size,
+            embedding_init=_logical(truncated_normal(config.init_std), "vocab", "embed"),
+            dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs,
+        )
+        self.norm = layer_norm(config, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        return self.norm(self.tok_embeddings(input_ids))
+
+
+class Attention(nnx.Module):
+    """Fused-QKV self-attention with RoPE; global or local (windowed) by layer index."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, causal: bool, rngs: nnx.Rngs):
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.causal = causal
+        self.kind = "global" if config.is_global_layer(layer) else "local"
+        self.window = (
+            None if self.kind == "global" else local_window(config.local_attention, causal=causal)
+        )
+        self.impl = config.attention_impl
+        hidden = config.hidden_size
+        self.Wqkv = _fused(hidden, 3, hidden, ("embed", "qkv", "heads"), config, rngs)
+        self.Wo = _dense(hidden, hidden, output_std(config), ("heads", "embed"), config, rngs)
+        self.out_drop = nnx.Dropout(config.attention_output_dropout)
+
+    def __call__(self, x: jax.Array, rope: RopeTables, segment_ids: jax.Array, *,
+                 deterministic: bool, dropout_rng: jax.Array | None) -> jax.Array:
+        batch, seq, _ = x.shape
+        qkv = self.Wqkv(x).reshape(batch, seq, 3, self.num_heads, self.head_dim)
+        cos, sin = rope[self.kind]
+        q = apply_rope(qkv[:, :, 0], cos, sin)
+        k = apply_rope(qkv[:, :, 1], cos, sin)
+        out = dot_product_attention(
+            q, k, qkv[:, :, 2], segment_ids, causal=self.causal, window=self.window,
+            impl=self.impl,
+        )
+        out = self.Wo(out.reshape(batch, seq, self.num_heads * self.head_dim))
+        return self.out_drop(out, deterministic=deterministic, rngs=dropout_rng)
+
+
+class GeGLU(nnx.Module):
+    """Wo(gelu(x_in) * x_gate) with exact (erf) GELU; Wi's first half is x_in, second the gate."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.Wi = _fused(
+            config.hidden_size, 2, config.intermediate_size, ("embed", "glu", "mlp"), config, rngs
+        )
+        self.Wo = _dense(
+            config.intermediate_size, config.hidden_size, output_std(config), ("mlp", "embed"),
+            config, rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        projected = self.Wi(x)
+        return self.Wo(jax.nn.gelu(projected[..., 0, :], approximate=False) * projected[..., 1, :])
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm block: h += attn(attn_norm(h)); h += mlp(mlp_norm(h)). Layer 0 has no attn_norm."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, causal: bool, rngs: nnx.Rngs):
+        self.attn_norm = layer_norm(config, rngs=rngs) if layer != 0 else None
+        self.attn = Attention(config, layer, causal=causal, rngs=rngs)
+        self.mlp_norm = layer_norm(config, rngs=rngs)
+        self.mlp = GeGLU(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, rope: RopeTables, segment_ids: jax.Array, *,
+                 deterministic: bool, dropout_rng: jax.Array | None) -> jax.Array:
+        attn_in = x if self.attn_norm is None else self.attn_norm(x)
+        x = x + self.attn(
+            attn_in, rope, segment_ids, deterministic=deterministic, dropout_rng=dropout_rng
+        )
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class PredictionHead(nnx.Module):
+    """dense (no bias) -> exact GELU -> LayerNorm: the transform before the tied vocab projection."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.dense = _dense(
+            config.hidden_size, config.hidden_size, config.init_std, ("embed", "mlp"), config, rngs
+        )
+        self.norm = layer_norm(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.norm(jax.nn.gelu(self.dense(x), approximate=False))
+
+
+def vocab_bias(config: ModelConfig) -> nnx.Param:
+    """The decoder bias [vocab], zero-initialised."""
+    return nnx.Param(
+        jnp.zeros((config.vocab_size,), dtype=config.param_dtype),
+        out_sharding=("vocab",), eager_sharding=False,
+    )

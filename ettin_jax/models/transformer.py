@@ -1,0 +1,137 @@
+"""`EttinModel`: the one network behind both members of an Ettin pair.
+
+    encoder = EttinModel(config, "mlm", rngs=nnx.Rngs(0))   # bidirectional attention
+    decoder = EttinModel(config, "clm", rngs=nnx.Rngs(0))   # causal attention
+    hidden = model(input_ids, segment_ids, positions)       # [B, S, H]
+    logits = model.logits(hidden)                           # [B, S, V]
+    sparse = model.logits(gather_positions(hidden, masked_positions))   # MLM: [B, C, V]
+
+The objective changes only the attention mask (causal or not, and the local window that goes
+with it); parameters have the same names and shapes for both, so weights move between them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ettin_jax.errors import did_you_mean
+from ettin_jax.models.config import OBJECTIVES, ModelConfig, Objective
+from ettin_jax.models.layers import (
+    Embeddings,
+    PredictionHead,
+    TransformerBlock,
+    layer_norm,
+    vocab_bias,
+)
+from ettin_jax.models.rope import document_positions, rope_tables
+
+
+class EttinModel(nnx.Module):
+    """ModernBERT/Ettin transformer with a tied, biased vocabulary head.
+
+    Args:
+      config: the architecture (`ModelConfig`).
+      objective: "mlm" builds the bidirectional encoder, "clm" the causal decoder.
+      rngs: NNX rngs for parameter initialisation (stream "params" or default).
+    Raises ValueError for an unknown objective.
+    """
+
+    def __init__(self, config: ModelConfig, objective: Objective, *, rngs: nnx.Rngs):
+        if objective not in OBJECTIVES:
+            raise ValueError(
+                f"unknown objective {objective!r}.{did_you_mean(objective, OBJECTIVES)} "
+                f"Valid: {', '.join(OBJECTIVES)}"
+            )
+        self.config = config
+        self.objective = objective
+        causal = objective == "clm"
+        self.embeddings = Embeddings(config, rngs=rngs)
+        self.layers = nnx.List(
+            [TransformerBlock(config, i, causal=causal, rngs=rngs) for i in range(config.num_layers)]
+        )
+        self.final_norm = layer_norm(config, rngs=rngs)
+        self.head = PredictionHead(config, rngs=rngs)
+        self.decoder_bias = vocab_bias(config)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final hidden states [B, S, hidden] (after the final norm, before the head).
+
+        Args:
+          input_ids: int [B, S] token ids in [0, vocab_size).
+          segment_ids: int [B, S]; tokens attend only within their segment, 0 marks padding
+            (whose hidden states are meaningless and must be ignored). None = one document.
+          positions: int [B, S] RoPE positions; None = restart at 0 at every segment start.
+          deterministic: True disables dropout (evaluation, export, parity).
+          dropout_rng: PRNG key for dropout, required when deterministic is False.
+        Raises ValueError for bad shapes or dtypes, ids outside the vocabulary (checked when
+        the ids are concrete), or a missing dropout key.
+        """
+        self._check_inputs(input_ids, segment_ids, positions)
+        if segment_ids is None:
+            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+        if positions is None:
+            positions = document_positions(segment_ids)
+        if not deterministic and dropout_rng is None and self.config.attention_output_dropout > 0:
+            raise ValueError("deterministic=False needs a dropout_rng key")
+        cfg = self.config
+        rope = {
+            "global": rope_tables(positions, cfg.head_dim, cfg.global_rope_theta),
+            "local": rope_tables(positions, cfg.head_dim, cfg.local_rope_theta),
+        }
+        hidden = self.embeddings(input_ids)
+        for index, block in enumerate(self.layers):
+            layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+            hidden = block(
+                hidden, rope, segment_ids, deterministic=deterministic, dropout_rng=layer_rng
+            )
+        return self.final_norm(hidden)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Vocabulary logits [..., vocab] from hidden states [..., hidden] (any leading shape).
+
+        head (dense -> GELU -> norm), then the tied embedding transpose plus the decoder bias.
+        Pass gathered rows (`gather_positions`) to run the head only where it is needed.
+        """
+        transformed = self.head(hidden)
+        return self.embeddings.tok_embeddings.attend(transformed) + self.decoder_bias[...].astype(
+            transformed.dtype
+        )
+
+    def _check_inputs(self, input_ids, segment_ids, positions) -> None:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
+        for name, array in (("segment_ids", segment_ids), ("positions", positions)):
+            if array is not None and tuple(array.shape) != tuple(input_ids.shape):
+                raise ValueError(
+                    f"{name} shape {tuple(array.shape)} != input_ids shape "
+                    f"{tuple(input_ids.shape)}"
+                )
+        if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+            ids = np.asarray(input_ids)
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = high if high >= self.config.vocab_size else low
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
+                )
+
+
+def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rows of hidden [B, S, H] at sequence indices positions [B, C]: returns [B, C, H].
+
+    Used by the sparse MLM head: only masked tokens reach the vocabulary projection.
+    """
+    return jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)

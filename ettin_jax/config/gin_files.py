@@ -9,12 +9,15 @@
 Sections are bound by their recipe name (model, data, train, optimizer, schedule, mesh,
 checkpoint, logging), phases through `recipe.phases` and the `phase` configurable. Gin
 itself rejects unknown names (with file and line); types and values go through the same
-validator as YAML.
+validator as YAML. The configurables gin sees only collect their bindings into plain dicts
+(with the dataclass's field names as their signature), so nothing is built or validated
+before the shared validator runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import typing
 from pathlib import Path
@@ -30,8 +33,23 @@ _CONFIGURABLES: dict[str, type] = {
     "recipe": Recipe,
     "phase": PhaseConfig,
 }
+
+
+def _binding_collector(cls: type) -> typing.Callable[..., dict[str, typing.Any]]:
+    """A function gin can bind with `cls`'s field names; calling it returns the bound fields."""
+
+    def collect(**fields: typing.Any) -> dict[str, typing.Any]:
+        return fields
+
+    collect.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for f in dataclasses.fields(cls)
+    ])
+    return collect
+
+
 for _name, _cls in _CONFIGURABLES.items():
-    gin.external_configurable(_cls, name=_name)
+    gin.external_configurable(_binding_collector(_cls), name=_name)
 
 
 def read_gin_file(path: Path) -> dict[str, typing.Any]:
@@ -46,21 +64,18 @@ def read_gin_file(path: Path) -> dict[str, typing.Any]:
             bindings = gin.get_bindings(name)
             if bindings:
                 raw[name] = dict(bindings)
-        phases = gin.get_bindings("recipe").get("phases")
-        if phases is not None:
-            raw["phases"] = [_evaluate(p) for p in phases]
+        # `recipe.phases = [@a/phase(), ...]` (or `recipe.train = @train()`): references
+        # evaluate to the dicts their collectors return.
+        for name, value in gin.get_bindings("recipe").items():
+            if name in raw:
+                raise ConfigError(f"{path}: section {name!r} is bound both as recipe.{name} "
+                                  f"and as {name}.*; use one")
+            raw[name] = value
         return raw
-    except ValueError as err:
+    except (ValueError, SyntaxError) as err:
         raise ConfigError(f"{path}: {_with_hint(str(err))}") from None
     finally:
         gin.clear_config()
-
-
-def _evaluate(value: typing.Any) -> typing.Any:
-    """Calls a gin reference (@scope/phase()) to get its instance; other values pass through."""
-    if isinstance(value, gin.config.ConfigurableReference):
-        return value.scoped_configurable_fn()
-    return value
 
 
 def _with_hint(message: str) -> str:

@@ -112,12 +112,12 @@ def format_description(report: dict[str, Any]) -> str:
         f"layers: {''.join('G' if t == 'global' else 'l' for t in model['layer_types'])} "
         f"(G global, l local window {model['local_attention']})",
         f"per token at seq_len {report['seq_len']}, MLM mask ratio {report['mlm_mask_ratio']}:",
-        f"{'member':<10}{'params':>16}{'non-embedding':>16}{'train FLOPs/token':>20}",
+        f"{'member':<14}{'params':>16}{'non-embedding':>16}{'train FLOPs/token':>20}",
     ]
     for member in ("encoder", "decoder"):
         m = report[member]
         lines.append(
-            f"{member + ' (' + m['objective'] + ')':<10}{m['params']:>16,}"
+            f"{member + ' (' + m['objective'] + ')':<14}{m['params']:>16,}"
             f"{m['non_embedding_params']:>16,}{m['train_flops_per_token']:>20.4g}"
         )
     return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""Recipes: YAML and gin give the same typed tree, overrides apply, and every kind of bad input
+fails before compilation with the file, the key path and the valid choices."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ettin_jax.config import (
+    ConfigError,
+    PhaseConfig,
+    Recipe,
+    load_recipe,
+    recipe_from_preset,
+    recipe_to_dict,
+    recipe_to_yaml,
+)
+from ettin_jax.models import get_preset
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, overrides)
+    return str(info.value)
+
+
+def test_tiny_yaml_and_gin_are_the_same_recipe():
+    from_yaml = load_recipe(RECIPES / "tiny.yaml")
+    from_gin = load_recipe(RECIPES / "tiny.gin")
+    assert from_yaml == from_gin
+    assert from_yaml.model == get_preset("tiny")
+    assert from_yaml.optimizer.learning_rate == pytest.approx(3e-3)  # "3e-3" read as a float
+
+
+def test_public_contract_names_exist_and_override():
+    overrides = ["train.steps=7", "train.global_batch_size=4", "train.seq_len=64",
+                 "train.seed=5", "checkpoint.every_steps=3", "mesh.data=2", "mesh.fsdp=4",
+                 "model.preset=ettin-17m"]
+    recipe = load_recipe(RECIPES / "tiny.yaml", overrides)
+    assert (recipe.train.steps, recipe.train.global_batch_size, recipe.train.seq_len,
+            recipe.train.seed) == (7, 4, 64, 5)
+    assert recipe.checkpoint.every_steps == 3
+    assert (recipe.mesh.data, recipe.mesh.fsdp) == (2, 4)
+    assert recipe.model == get_preset("ettin-17m")
+
+
+def test_model_fields_override_the_preset(tmp_path):
+    path = _write(tmp_path, "r.yaml", """
+        model: {preset: tiny, num_layers: 5, global_layers: [0, 4]}
+    """)
+    model = load_recipe(path, ["model.local_rope_theta=5e3"]).model
+    assert model.num_layers == 5 and model.global_layers == (0, 4)
+    assert model.layer_types == ("global", "local", "local", "local", "global")
+    assert model.local_rope_theta == 5000.0
+    assert model.hidden_size == get_preset("tiny").hidden_size
+
+
+def test_recipe_is_frozen_and_typed():
+    recipe = load_recipe(RECIPES / "tiny.yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.train.steps = 3  # type: ignore[misc]
+    assert isinstance(recipe.train.objectives, tuple)
+    assert type(load_recipe(RECIPES / "tiny.yaml", ["schedule.warmup_tokens=1.0e6"])
+                .schedule.warmup_tokens) is int
+
+
+def test_round_trip_through_yaml(tmp_path):
+    recipe = load_recipe(RECIPES / "tiny.yaml", [
+        "phases=[{name: pretrain, steps: 4}, {name: decay, steps: 2, mlm_mask_ratio: 0.15}]",
+        "optimizer.clip_grad_norm=1.0",
+    ])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(recipe_to_yaml(recipe))
+    assert load_recipe(path) == recipe
+    assert recipe_to_dict(recipe)["phases"][1] == {
+        "name": "decay", "steps": 2, "seq_len": None, "mlm_mask_ratio": 0.15}
+
+
+def test_gin_phases_and_list_override(tmp_path):
+    path = _write(tmp_path, "r.gin", """
+        model.preset = 'tiny'
+        recipe.phases = [@pretrain/phase(), @decay/phase()]
+        pretrain/phase.name = 'pretrain'
+        pretrain/phase.steps = 10
+        pretrain/phase.seq_len = 64
+        decay/phase.name = 'decay'
+        decay/phase.steps = 3
+        decay/phase.mlm_mask_ratio = 0.15
+    """)
+    recipe = load_recipe(path, ["phases.1.steps=5"])
+    assert recipe.phases == (PhaseConfig("pretrain", 10, seq_len=64),
+                             PhaseConfig("decay", 5, mlm_mask_ratio=0.15))
+
+
+def test_defaults_and_presets():
+    assert load_recipe() == Recipe()
+    assert recipe_from_preset("ettin-150m").model == get_preset("ettin-150m")
+    assert recipe_from_preset("tiny", ["train.steps=3"]).train.steps == 3
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train:\n  stepz: 3\n", ["r.yaml", "unknown key 'train.stepz'", "Did you mean 'steps'",
+                              "global_batch_size"]),
+    ("trian:\n  steps: 3\n", ["unknown key 'trian'", "Did you mean 'train'"]),
+    ("train:\n  steps: three\n", ["r.yaml", "train.steps", "expected int", "'three'"]),
+    ("train:\n  steps: 0\n", ["train", "steps must be >= 1, got 0"]),
+    ("optimizer:\n  name: adamm\n", ["optimizer.name", "'adamm'", "Did you mean 'adamw'",
+                                     "stable_adamw"]),
+    ("model:\n  preset: ettin-15m\n", ["model.preset", "ettin-150m"]),
+    ("model:\n  preset: tiny\n  num_heads: 3\n", ["hidden_size 128", "num_heads 3"]),
+    ("model:\n  preset: tiny\n  global_layers: [0, 9]\n", ["global_layers", "[9]",
+                                                           "num_layers = 4"]),
+    ("model:\n  preset: tiny\n  local_attention: 7\n", ["local_attention", "got 7"]),
+    ("model:\n  attention_impl: flash\n", ["model.attention_impl", "xla, pallas, cudnn"]),
+    ("mesh:\n  data: -1\n  fsdp: -1\n", ["at most one of mesh.data and mesh.fsdp"]),
+    ("train:\n  objectives: [mlm, mlm]\n", ["objectives"]),
+    ("train: 3\n", ["train", "expected a mapping"]),
+    ("train:\n  steps: 3\n  steps: 4\n", ["r.yaml", "duplicate key 'steps'"]),
+    ("train: [steps: 3\n", ["r.yaml", "invalid YAML"]),
+    ("- 1\n- 2\n", ["r.yaml", "must be a mapping of sections"]),
+    ("phases:\n  - {name: a, steps: 1}\n  - {name: a, steps: 2}\n", ["names must be unique"]),
+    ("phases:\n  - {steps: 1}\n", ["phases.0", "missing required key(s): name"]),
+    ("logging:\n  tensorboard: 1\n", ["logging.tensorboard", "expected bool"]),
+])
+def test_bad_yaml_names_file_key_and_choices(tmp_path, text, expected):
+    message = _error(_write(tmp_path, "r.yaml", text))
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.stepz=3", ["override 'train.stepz=3'", "Did you mean 'steps'"]),
+    ("train.steps=abc", ["override 'train.steps=abc'", "train.steps", "expected int"]),
+    ("train.steps", ["not of the form dotted.key=value"]),
+    ("train..steps=1", ["not of the form dotted.key=value"]),
+    ("phases.2.steps=1", ["indexes a list"]),
+    ("train.steps.x=1", ["train.steps is not a section"]),
+    ("model.preset=ettin-1000m", ["override 'model.preset=ettin-1000m'", "ettin-1b"]),
+])
+def test_bad_overrides_name_the_override(override, expected):
+    message = _error(RECIPES / "tiny.yaml", [override])
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+
+
+def test_bad_files(tmp_path):
+    assert "does not exist" in _error(tmp_path / "missing.yaml")
+    assert "unknown recipe format '.toml'" in _error(_write(tmp_path, "r.toml", "x = 1\n"))
+    assert load_recipe(_write(tmp_path, "empty.yaml", "")) == Recipe()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train.stepz = 3\n", ["r.gin", "stepz", "Did you mean 'steps'"]),
+    ("trian.steps = 3\n", ["r.gin", "trian", "Did you mean 'train'"]),
+    ("train.steps = 'x'\n", ["r.gin", "train.steps", "expected int"]),
+    ("train.steps = 3\ntrain.seq_len = \n", ["r.gin", "line 2"]),
+])
+def test_bad_gin_names_file_and_key(tmp_path, text, expected):
+    message = _error(_write(tmp_path, "r.gin", text))
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+
+
+def test_gin_section_bound_twice_is_an_error(tmp_path):
+    path = _write(tmp_path, "r.gin", "recipe.train = @train()\ntrain.steps = 3\n")
+    assert "bound both as recipe.train and as train.*" in _error(path)

@@ -5,7 +5,6 @@ Adding a preset is a data change: one entry in `PRESETS`.
 
 from __future__ import annotations
 
-import dataclasses
 
 from ettin_jax.errors import did_you_mean
 from ettin_jax.models.config import ModelConfig
@@ -56,7 +55,3 @@ def get_preset(name: str) -> ModelConfig:
         )
     return PRESETS[name]
 
-
-def with_preset(name: str, **overrides: object) -> ModelConfig:
-    """Preset `name` with some fields replaced (validated as a whole)."""
-    return dataclasses.replace(get_preset(name), **overrides)

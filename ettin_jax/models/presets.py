@@ -5,7 +5,6 @@ Adding a preset is a data change: one entry in `PRESETS`.
 
 from __future__ import annotations
 
-
 from ettin_jax.errors import did_you_mean
 from ettin_jax.models.config import ModelConfig
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ettin_jax.config import Recipe, load_recipe, recipe_from_preset, recipe_to_yaml
-from ettin_jax.errors import ConfigError
+from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models.presets import PRESETS
 
 
@@ -33,6 +33,31 @@ def _describe(args: argparse.Namespace) -> int:
 
 def _recipe(args: argparse.Namespace) -> int:
     print(recipe_to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ettin_jax.hf.transfer import export_checkpoint
+
+    for name, report in export_checkpoint(args.source, args.out, step=args.step).items():
+        tokenizer = f", tokenizer: {', '.join(report.tokenizer_files)}" if report.tokenizer_files \
+            else ", no tokenizer"
+        print(f"{name or 'model'}: {report.path} ({report.tensors} tensors, "
+              f"{report.elements:,} of {report.model_params:,} parameters{tokenizer})")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from ettin_jax.hf.transfer import import_pretrained
+
+    print(f"imported {args.source} -> {import_pretrained(args.source, args.out)}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ettin_jax.hf.transfer import convert_objective
+
+    print(f"{args.to}: {convert_objective(args.source, args.out, to=args.to)}")
     return 0
 
 
@@ -65,15 +90,50 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("recipe", metavar="RECIPE", help="a recipe file (.yaml/.gin)")
     recipe.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     recipe.set_defaults(run=_recipe)
+
+    export = commands.add_parser(
+        "export",
+        help="native checkpoint(s) -> HuggingFace transformers directories",
+        description="Export a run directory (both members, to OUT/encoder and OUT/decoder), a "
+        "member directory or one checkpoint step as transformers ModernBERT directories "
+        "(config.json, model.safetensors, tokenizer files). Encoders load with "
+        "AutoModelForMaskedLM, decoders with AutoModelForCausalLM.",
+    )
+    export.add_argument("source", metavar="CHECKPOINT_OR_RUN_DIR")
+    export.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    export.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+    export.set_defaults(run=_export)
+
+    import_ = commands.add_parser(
+        "import",
+        help="HuggingFace ModernBERT/Ettin directory -> native checkpoint",
+        description="Import a transformers ModernBERT or ModernBERT-decoder directory (e.g. a "
+        "released Ettin checkpoint) as a native checkpoint that training can start from.",
+    )
+    import_.add_argument("source", metavar="HF_DIR")
+    import_.add_argument("--out", required=True, metavar="DIR", help="output member directory")
+    import_.set_defaults(run=_import)
+
+    convert = commands.add_parser(
+        "convert",
+        help="decoder weights -> encoder, or encoder -> decoder",
+        description="Give a model's weights to the other member of the pair (Ettin's "
+        "cross-objective training). A HuggingFace directory gives a HuggingFace directory, a "
+        "native checkpoint a native checkpoint.",
+    )
+    convert.add_argument("source", metavar="HF_DIR_OR_CHECKPOINT")
+    convert.add_argument("--to", required=True, choices=("encoder", "decoder"))
+    convert.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    convert.set_defaults(run=_convert)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit code (2 for a bad recipe or arguments)."""
+    """Runs the CLI; returns the exit code (2 for a bad recipe, checkpoint or arguments)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"ettin-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

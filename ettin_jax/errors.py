@@ -16,3 +16,8 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
     if not close:
         return ""
     return f" Did you mean {' or '.join(repr(c) for c in close)}?"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or HuggingFace directory is missing, incomplete or not what it claims to be;
+    the message names the directory or file, the tensor or field, and what was expected."""

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ettin_jax.models import EttinModel, ModelConfig, get_preset  # noqa: E402
+from ettin_jax.models import EttinModel, ModelConfig, get_preset, named_params  # noqa: E402
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -24,10 +24,7 @@ def small_config(**overrides) -> ModelConfig:
 
 def flat_params(model: EttinModel) -> dict[tuple, np.ndarray]:
     """{path tuple: numpy array} of every parameter."""
-    return {
-        tuple(path): np.asarray(var.get_value())
-        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
+    return {path: np.asarray(value) for path, value in named_params(model).items()}
 
 
 def randomized_model(config: ModelConfig, objective: str, seed: int) -> EttinModel:
@@ -42,6 +39,39 @@ def randomized_model(config: ModelConfig, objective: str, seed: int) -> EttinMod
             var.set_value(jnp.asarray(value + rng.normal(0.0, 0.2, value.shape), value.dtype))
     nnx.update(model, state)
     return model
+
+
+# Architectures for checks against transformers: (L - 1) % 3 != 0 for 2 and 6 layers, odd
+# lengths, local windows smaller than the sequence, an explicit global-layer list.
+HF_CASES = [
+    dict(num_layers=2, seq=23, local_attention=8, global_layers=None),
+    dict(num_layers=4, seq=37, local_attention=16, global_layers=None),
+    dict(num_layers=6, seq=41, local_attention=12, global_layers=(1, 4)),
+]
+
+
+def case_id(case: dict) -> str:
+    return f"L{case['num_layers']}-S{case['seq']}"
+
+
+def case_config(case: dict, rng: np.random.Generator) -> ModelConfig:
+    """small_config with the case's layers and window and random, distinct RoPE thetas."""
+    return small_config(
+        num_layers=case["num_layers"],
+        local_attention=case["local_attention"],
+        global_layers=case["global_layers"],
+        global_rope_theta=float(rng.choice([160_000.0, 80_000.0])),
+        local_rope_theta=float(rng.choice([10_000.0, 5_000.0])),
+    )
+
+
+def padded_batch(seq: int, vocab_size: int, rng: np.random.Generator):
+    """Random ids [3, seq] and an attention mask with right padding in rows 1 and 2 (int64)."""
+    ids = rng.integers(0, vocab_size, (3, seq))
+    attention_mask = np.ones((3, seq), np.int64)
+    attention_mask[1, seq - 9:] = 0
+    attention_mask[2, seq - 1:] = 0
+    return ids, attention_mask
 
 
 @pytest.fixture

@@ -7,7 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import flat_params, randomized_model, run_logits, small_config
+from conftest import (
+    HF_CASES,
+    case_config,
+    case_id,
+    flat_params,
+    padded_batch,
+    randomized_model,
+    run_logits,
+    small_config,
+)
 from transformers import (
     ModernBertConfig,
     ModernBertDecoderConfig,
@@ -59,34 +68,15 @@ def reference_model(config, objective, tensors):
     return model
 
 
-CASES = [
-    # layers, seq, local window, explicit global layers: (L - 1) % 3 != 0 in 2 and 6 layers,
-    # odd lengths, windows smaller than the sequence
-    dict(num_layers=2, seq=23, local_attention=8, global_layers=None),
-    dict(num_layers=4, seq=37, local_attention=16, global_layers=None),
-    dict(num_layers=6, seq=41, local_attention=12, global_layers=(1, 4)),
-]
-
-
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c['num_layers']}-S{c['seq']}")
+@pytest.mark.parametrize("case", HF_CASES, ids=case_id)
 def test_logits_match_transformers(objective, case, rng):
-    config = small_config(
-        num_layers=case["num_layers"],
-        local_attention=case["local_attention"],
-        global_layers=case["global_layers"],
-        global_rope_theta=float(rng.choice([160_000.0, 80_000.0])),
-        local_rope_theta=float(rng.choice([10_000.0, 5_000.0])),
-    )
+    config = case_config(case, rng)
     model = randomized_model(config, objective, seed=int(rng.integers(1 << 30)))
     tensors = to_hf_tensors(flat_params(model), config, objective)
     reference = reference_model(config, objective, tensors)
 
-    seq = case["seq"]
-    ids = rng.integers(0, config.vocab_size, (3, seq))
-    attention_mask = np.ones((3, seq), np.int64)
-    attention_mask[1, seq - 9:] = 0  # right padding
-    attention_mask[2, seq - 1:] = 0
+    ids, attention_mask = padded_batch(case["seq"], config.vocab_size, rng)
     with torch.no_grad():
         expected = reference(
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attention_mask)
@@ -119,6 +109,9 @@ def test_key_map_round_trips_and_names_hf_tensors(objective, rng):
         assert tensors["model.layers.1.attn.k_proj.weight"].shape == (h, h)
         assert "lm_head.dense.weight" in tensors and "model.layers.1.attn.Wqkv.weight" not in tensors
     assert "model.layers.0.attn_norm.weight" not in tensors
-    with pytest.raises(KeyError, match="model.final_norm.weight"):
+    with pytest.raises(ValueError, match="model.final_norm.weight"):
         from_hf_tensors({k: v for k, v in tensors.items() if k != "model.final_norm.weight"},
                         config, objective)
+    with pytest.raises(ValueError, match="no name for parameters.*extra"):
+        to_hf_tensors({**params, ("extra", "kernel"): params[("final_norm", "scale")]},
+                      config, objective)

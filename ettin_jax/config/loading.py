@@ -78,6 +78,12 @@ def recipe_from_preset(name: str, overrides: Sequence[str] = ()) -> Recipe:
     return load_recipe(None, [f"model.preset={name}", *overrides])
 
 
+def dataclass_from_dict(cls: type, raw: Mapping[str, Any], *, source: str, key: str = "") -> Any:
+    """Validated instance of config dataclass `cls` (e.g. ModelConfig) from a plain dict, as
+    `recipe_to_dict` writes it. Raises ConfigError naming `source` and the key path."""
+    return build_dataclass(cls, raw, key=key, where=_Where(source, {}))
+
+
 def read_recipe_file(path: Path) -> RawTree:
     """The raw tree of a YAML or gin recipe file. Raises ConfigError for unreadable files."""
     if not path.is_file():
@@ -99,8 +105,9 @@ def read_recipe_file(path: Path) -> RawTree:
     return raw
 
 
-def recipe_to_dict(recipe: Recipe) -> RawTree:
-    """Plain nested dict/list form of a recipe (what `load_recipe` reads back to an equal one)."""
+def recipe_to_dict(recipe: Any) -> RawTree:
+    """Plain nested dict/list form of a recipe or one of its sections (what `load_recipe` and
+    `dataclass_from_dict` read back to an equal one)."""
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
@@ -277,6 +284,7 @@ def _set_path(raw: RawTree, key: str, value: Any, text: str) -> None:
 __all__ = [
     "PRESETS",
     "build_dataclass",
+    "dataclass_from_dict",
     "load_recipe",
     "parse_yaml_value",
     "read_recipe_file",

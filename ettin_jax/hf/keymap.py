@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
+from ettin_jax.errors import CheckpointError
 from ettin_jax.models.config import ModelConfig, Objective
 
 NativePath = tuple[str | int, ...]
@@ -94,17 +96,56 @@ def key_rules(config: ModelConfig, objective: Objective) -> list[KeyRule]:
 TIED_HF_NAMES: tuple[str, ...] = ("decoder.weight",)
 
 
+def hf_shapes(native_shapes: dict[NativePath, tuple[int, ...]], config: ModelConfig,
+              objective: Objective) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, from native parameter shapes (abstractly: nothing allocated)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for rule in key_rules(config, objective):
+        native = jax.ShapeDtypeStruct(native_shapes[rule.native], np.float32)
+        for name, out in zip(rule.hf_names, jax.eval_shape(rule.to_hf, native)):
+            shapes[name] = tuple(out.shape)
+    return shapes
+
+
+def check_hf_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                     *, source: str) -> None:
+    """Checks HF tensor names and shapes `found` in `source` against `expected` (`hf_shapes`).
+
+    The tied `decoder.weight` may be present or not. Raises CheckpointError naming the missing
+    or unexpected tensors, or the first tensor whose shape differs, with both shapes.
+    """
+    missing = [name for name in expected if name not in found]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{source}: missing tensors {missing[:3]}{more} "
+                              f"({len(missing)} of {len(expected)})")
+    unexpected = sorted(set(found) - set(expected) - set(TIED_HF_NAMES))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensors {unexpected[:5]} for this "
+                              f"architecture (config.json and weights disagree?)")
+    for name, shape in expected.items():
+        if tuple(found[name]) != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(found[name])}, "
+                                  f"config.json implies {shape}")
+
+
 def to_hf_tensors(
     params: dict[NativePath, np.ndarray], config: ModelConfig, objective: Objective
 ) -> dict[str, np.ndarray]:
     """HF state dict (numpy, [out, in]) from a flat native param dict {path: array}.
 
-    Raises KeyError naming a native parameter the map expects and `params` lacks.
+    Raises ValueError naming a native parameter the map expects and `params` lacks, or one the
+    map would drop: every parameter is written.
     """
+    rules = key_rules(config, objective)
+    mapped = {rule.native for rule in rules}
+    dropped = sorted(".".join(map(str, p)) for p in set(params) - mapped)
+    if dropped:
+        raise ValueError(f"the HF key map has no name for parameters {dropped}")
     tensors: dict[str, np.ndarray] = {}
-    for rule in key_rules(config, objective):
+    for rule in rules:
         if rule.native not in params:
-            raise KeyError(f"native parameter {'.'.join(map(str, rule.native))} is missing")
+            raise ValueError(f"native parameter {'.'.join(map(str, rule.native))} is missing")
         for name, array in zip(rule.hf_names, rule.to_hf(np.asarray(params[rule.native]))):
             tensors[name] = np.ascontiguousarray(array)
     return tensors
@@ -115,12 +156,13 @@ def from_hf_tensors(
 ) -> dict[NativePath, np.ndarray]:
     """Flat native param dict {path: array} from an HF state dict (inverse of `to_hf_tensors`).
 
-    Raises KeyError naming the first HF tensor the map needs and `tensors` lacks.
+    Check names and shapes first with `check_hf_tensors`; raises ValueError naming the first
+    HF tensor the map needs and `tensors` lacks.
     """
     params: dict[NativePath, np.ndarray] = {}
     for rule in key_rules(config, objective):
         missing = [name for name in rule.hf_names if name not in tensors]
         if missing:
-            raise KeyError(f"HF tensor {missing[0]} is missing")
+            raise ValueError(f"HF tensor {missing[0]} is missing")
         params[rule.native] = rule.from_hf(*(np.asarray(tensors[n]) for n in rule.hf_names))
     return params

@@ -2,7 +2,13 @@
 
 from ettin_jax.models.config import OBJECTIVES, ModelConfig, Objective
 from ettin_jax.models.presets import PRESETS, get_preset
-from ettin_jax.models.transformer import EttinModel, gather_positions
+from ettin_jax.models.transformer import (
+    EttinModel,
+    gather_positions,
+    model_from_params,
+    named_params,
+    with_objective,
+)
 
 __all__ = [
     "OBJECTIVES",
@@ -12,4 +18,7 @@ __all__ = [
     "Objective",
     "gather_positions",
     "get_preset",
+    "model_from_params",
+    "named_params",
+    "with_objective",
 ]

@@ -9,20 +9,17 @@ from flax import nnx
 
 from ettin_jax.models.attention import local_window
 from ettin_jax.models.config import ModelConfig, Objective
-from ettin_jax.models.transformer import EttinModel
+from ettin_jax.models.transformer import EttinModel, ParamPath, named_params
 
 # Parameters that are not "non-embedding": the token embedding (tied with the vocab
 # projection) and the prediction head. This matches the reference table's counts.
 _EMBEDDING_AND_HEAD = ("embeddings.tok_embeddings", "head.", "decoder_bias")
 
 
-def parameter_shapes(config: ModelConfig, objective: Objective) -> dict[str, tuple[int, ...]]:
-    """Dotted parameter path -> shape, from `nnx.eval_shape` (no weights are allocated)."""
+def parameter_shapes(config: ModelConfig, objective: Objective) -> dict[ParamPath, tuple[int, ...]]:
+    """Parameter path -> shape, from `nnx.eval_shape` (no weights are allocated)."""
     abstract = nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0)))
-    return {
-        ".".join(map(str, path)): tuple(var.get_value().shape)
-        for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    }
+    return {path: tuple(value.shape) for path, value in named_params(abstract).items()}
 
 
 def mean_visible_keys(seq_len: int, *, causal: bool, window: tuple[int, int] | None) -> float:
@@ -65,7 +62,7 @@ def describe_member(
 ) -> dict[str, Any]:
     """Parameter counts and training FLOPs per token of one member of the pair."""
     shapes = parameter_shapes(config, objective)
-    sizes = {name: int(np.prod(shape)) for name, shape in shapes.items()}
+    sizes = {".".join(map(str, path)): int(np.prod(shape)) for path, shape in shapes.items()}
     embedding_and_head = sum(
         n for name, n in sizes.items() if name.startswith(_EMBEDDING_AND_HEAD)
     )

@@ -7,7 +7,9 @@
     sparse = model.logits(gather_positions(hidden, masked_positions))   # MLM: [B, C, V]
 
 The objective changes only the attention mask (causal or not, and the local window that goes
-with it); parameters have the same names and shapes for both, so weights move between them.
+with it); parameters have the same names and shapes for both, so weights move between them
+(`with_objective`). `named_params` and `model_from_params` are the one way in and out of a
+model's weights for checkpoints and HuggingFace interchange.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from ettin_jax.models.layers import (
     vocab_bias,
 )
 from ettin_jax.models.rope import document_positions, rope_tables
+
+ParamPath = tuple[str | int, ...]
 
 
 class EttinModel(nnx.Module):
@@ -77,7 +81,7 @@ class EttinModel(nnx.Module):
         Raises ValueError for bad shapes or dtypes, ids outside the vocabulary (checked when
         the ids are concrete), or a missing dropout key.
         """
-        self._check_inputs(input_ids, segment_ids, positions)
+        self.check_inputs(input_ids, segment_ids, positions)
         if segment_ids is None:
             segment_ids = jnp.ones(input_ids.shape, jnp.int32)
         if positions is None:
@@ -108,7 +112,11 @@ class EttinModel(nnx.Module):
             transformed.dtype
         )
 
-    def _check_inputs(self, input_ids, segment_ids, positions) -> None:
+    def check_inputs(
+        self, input_ids: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None
+    ) -> None:
+        """Raises ValueError for bad shapes or dtypes, or (for concrete ids) ids outside the
+        vocabulary, naming the value: the checks `__call__` runs first."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -135,3 +143,45 @@ def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
     Used by the sparse MLM head: only masked tokens reach the vocabulary projection.
     """
     return jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+
+
+def named_params(model: EttinModel) -> dict[ParamPath, jax.Array]:
+    """Every parameter of `model` by path, e.g. ("layers", 1, "attn", "Wqkv", "kernel")."""
+    return {
+        tuple(path): var.get_value()
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+
+
+def model_from_params(
+    config: ModelConfig, objective: Objective, params: dict[ParamPath, jax.Array | np.ndarray]
+) -> EttinModel:
+    """An `EttinModel` holding exactly `params` (cast to config.param_dtype); no random init.
+
+    Raises ValueError naming a missing or unexpected parameter, or a shape mismatch with both
+    shapes.
+    """
+    model = nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    expected = {tuple(path): var for path, var in nnx.to_flat_state(state)}
+    unexpected = sorted(".".join(map(str, p)) for p in params.keys() - expected.keys())
+    if unexpected:
+        raise ValueError(f"unexpected parameters {unexpected} for this architecture")
+    for path, var in expected.items():
+        name = ".".join(map(str, path))
+        if path not in params:
+            raise ValueError(f"parameter {name} is missing")
+        want = tuple(var.get_value().shape)
+        if tuple(params[path].shape) != want:
+            raise ValueError(f"parameter {name} has shape {tuple(params[path].shape)}, "
+                             f"the architecture needs {want}")
+        var.set_value(jnp.asarray(params[path], dtype=config.param_dtype))
+    nnx.update(model, state)
+    return model
+
+
+def with_objective(model: EttinModel, objective: Objective) -> EttinModel:
+    """The same weights as the other member of the pair (Ettin's cross-objective training):
+    an encoder from a decoder or back. Shares no state with `model`."""
+    params = {path: jnp.array(value) for path, value in named_params(model).items()}
+    return model_from_params(model.config, objective, params)

@@ -1,0 +1,203 @@
+"""config.json of transformers' ModernBERT classes <-> `ModelConfig`, objective and special tokens.
+
+Writing: every field the installed and older transformers read, with the traps of
+../shared/ettin_reference.md section 3 avoided: `layer_types` explicit (a decoder config without
+it gets a version-dependent default), both RoPE thetas in the new `rope_parameters` form and the
+older `global_rope_theta` / `local_rope_theta` fields, `classifier_activation: gelu` (the MLM head
+uses it too), and the special-token ids.
+
+Reading: a released ModernBERT/Ettin config (either RoPE form, `layer_types` or
+`global_attn_every_n_layers`, `local_attention` or a decoder's half-window `sliding_window`).
+A field whose value this architecture cannot represent is an error naming the file, the field and
+the supported values; fields that do not change the network (dtype, pooling, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data_pipelines.special_tokens import MODERNBERT, SpecialTokens
+from ettin_jax.errors import CheckpointError
+from ettin_jax.models.config import ModelConfig, Objective
+
+MODEL_TYPES: dict[Objective, str] = {"mlm": "modernbert", "clm": "modernbert-decoder"}
+ARCHITECTURES: dict[Objective, str] = {
+    "mlm": "ModernBertForMaskedLM",
+    "clm": "ModernBertDecoderForCausalLM",
+}
+_HF_LAYER_TYPE = {"global": "full_attention", "local": "sliding_attention"}
+
+# Fields that must hold these values for the checkpoint to be this architecture (HF defaults
+# in the comments are what a config without the field means).
+_REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
+    "hidden_activation": ("gelu", "gelu_python"),  # exact (erf) GELU; default gelu
+    "classifier_activation": ("gelu", "gelu_python"),
+    "attention_bias": (False,),
+    "mlp_bias": (False,),
+    "norm_bias": (False,),
+    "decoder_bias": (True,),
+    "tie_word_embeddings": (True,),
+    "embedding_dropout": (0.0, 0),  # the only dropout Ettin trains with is after attention
+    "mlp_dropout": (0.0, 0),
+}
+
+
+def to_hf_config(
+    config: ModelConfig,
+    objective: Objective,
+    special_tokens: SpecialTokens,
+    *,
+    max_position_embeddings: int = 8192,
+) -> dict[str, Any]:
+    """The config.json dict that makes transformers build this member of the pair.
+
+    max_position_embeddings is informational (RoPE has no table); 8192 as in ModernBERT.
+    """
+    thetas = {"full_attention": config.global_rope_theta,
+              "sliding_attention": config.local_rope_theta}
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[objective]],
+        "model_type": MODEL_TYPES[objective],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "layer_types": [_HF_LAYER_TYPE[kind] for kind in config.layer_types],
+        "local_attention": config.local_attention,
+        "rope_parameters": {
+            kind: {"rope_type": "default", "rope_theta": theta} for kind, theta in thetas.items()
+        },
+        "global_rope_theta": config.global_rope_theta,
+        "local_rope_theta": config.local_rope_theta,
+        "max_position_embeddings": max_position_embeddings,
+        "norm_eps": config.norm_eps,
+        "initializer_range": config.init_std,
+        "initializer_cutoff_factor": 2.0,
+        "attention_dropout": config.attention_output_dropout,
+        "pad_token_id": special_tokens.pad,
+        "bos_token_id": special_tokens.bos,
+        "eos_token_id": special_tokens.eos,
+        "cls_token_id": special_tokens.cls,
+        "sep_token_id": special_tokens.sep,
+        "dtype": config.param_dtype,
+    }
+    hf.update({name: values[0] for name, values in _REQUIRED_VALUES.items()})
+    if config.global_layers is None:
+        hf["global_attn_every_n_layers"] = config.global_attn_every_n_layers  # transformers 4.x
+    if objective == "clm":
+        hf["use_cache"] = True
+    return hf
+
+
+def from_hf_config(
+    hf: dict[str, Any], *, source: str
+) -> tuple[ModelConfig, Objective, SpecialTokens]:
+    """The architecture, objective and special tokens a ModernBERT config.json describes.
+
+    `source` names the file in errors. Missing fields take transformers' defaults. Raises
+    CheckpointError for a model type other than ModernBERT / ModernBERT-decoder or a field
+    value this architecture cannot represent.
+    """
+
+    def fail(field: str, message: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {field}: {message}")
+
+    model_type = hf.get("model_type")
+    objectives = {v: k for k, v in MODEL_TYPES.items()}
+    if model_type not in objectives:
+        raise fail("model_type", f"{model_type!r} is not a ModernBERT checkpoint; supported: "
+                                 f"{', '.join(objectives)}")
+    objective = objectives[model_type]
+    for field, allowed in _REQUIRED_VALUES.items():
+        if field in hf and hf[field] not in allowed:
+            raise fail(field, f"unsupported value {hf[field]!r}; supported: "
+                              f"{', '.join(map(repr, allowed))}")
+
+    defaults = ModelConfig()
+    num_layers = hf.get("num_hidden_layers", defaults.num_layers)
+    global_layers, every_n = _global_layers(hf, num_layers, fail)
+    local_attention = hf.get("local_attention")
+    if local_attention is None and hf.get("sliding_window") not in (None, -1):
+        local_attention = 2 * int(hf["sliding_window"])
+    if local_attention is None:
+        if "local_attention" in hf and (global_layers is None or len(global_layers) < num_layers):
+            raise fail("local_attention", "null, but the config has sliding-attention layers")
+        local_attention = defaults.local_attention
+    global_theta, local_theta = _rope_thetas(hf, fail)
+    try:
+        config = ModelConfig(
+            vocab_size=hf.get("vocab_size", defaults.vocab_size),
+            hidden_size=hf.get("hidden_size", defaults.hidden_size),
+            intermediate_size=hf.get("intermediate_size", defaults.intermediate_size),
+            num_layers=num_layers,
+            num_heads=hf.get("num_attention_heads", defaults.num_heads),
+            global_attn_every_n_layers=every_n,
+            global_layers=global_layers,
+            local_attention=local_attention,
+            global_rope_theta=global_theta,
+            local_rope_theta=local_theta,
+            norm_eps=hf.get("norm_eps", defaults.norm_eps),
+            attention_output_dropout=float(hf.get("attention_dropout", 0.0)),
+            init_std=hf.get("initializer_range", defaults.init_std),
+        )
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    return config, objective, _special_tokens(hf, config.vocab_size, fail)
+
+
+def _global_layers(hf: dict[str, Any], num_layers: int, fail) -> tuple[tuple[int, ...] | None, int]:
+    """(explicit global layer list or None, every-n) from layer_types or the older integer."""
+    every_n = hf.get("global_attn_every_n_layers", 3)
+    if not isinstance(every_n, int) or every_n < 1:
+        raise fail("global_attn_every_n_layers", f"must be a positive integer, got {every_n!r}")
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        return None, every_n  # Ettin's pattern: layer i is global iff i % n == 0
+    kinds = {v: k for k, v in _HF_LAYER_TYPE.items()}
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+        raise fail("layer_types", f"must list {num_layers} layer types (num_hidden_layers), "
+                                  f"got {layer_types!r}")
+    unknown = sorted({t for t in layer_types if t not in kinds})
+    if unknown:
+        raise fail("layer_types", f"unsupported {unknown}; supported: {', '.join(kinds)}")
+    global_layers = tuple(i for i, t in enumerate(layer_types) if kinds[t] == "global")
+    if global_layers == tuple(range(0, num_layers, every_n)):
+        return None, every_n
+    return global_layers, every_n
+
+
+def _rope_thetas(hf: dict[str, Any], fail) -> tuple[float, float]:
+    """(global, local) RoPE theta from `rope_parameters` or the older per-kind fields."""
+    thetas = {"full_attention": hf.get("global_rope_theta", 160_000.0),
+              "sliding_attention": hf.get("local_rope_theta", 10_000.0)}
+    parameters = hf.get("rope_parameters") or {}
+    for kind in thetas:
+        entry = parameters.get(kind) or {}
+        rope_type = entry.get("rope_type", "default")
+        if rope_type != "default":
+            raise fail(f"rope_parameters.{kind}.rope_type",
+                       f"unsupported {rope_type!r}; supported: 'default' (no RoPE scaling)")
+        thetas[kind] = entry.get("rope_theta", thetas[kind])
+    if hf.get("rope_scaling"):
+        raise fail("rope_scaling", f"unsupported {hf['rope_scaling']!r}; only unscaled RoPE")
+    return float(thetas["full_attention"]), float(thetas["sliding_attention"])
+
+
+def _special_tokens(hf: dict[str, Any], vocab_size: int, fail) -> SpecialTokens:
+    """pad / cls (or bos) / sep (or eos) ids; transformers' ModernBERT defaults when absent."""
+    ids = {
+        "pad": hf.get("pad_token_id", MODERNBERT.pad),
+        "cls": hf.get("cls_token_id", hf.get("bos_token_id", MODERNBERT.cls)),
+        "sep": hf.get("sep_token_id", hf.get("eos_token_id", MODERNBERT.sep)),
+    }
+    for name, value in ids.items():
+        if isinstance(value, list) and value:  # eos_token_id may be a list
+            ids[name] = value = value[0]
+        if not isinstance(value, int) or not 0 <= value < vocab_size:
+            raise fail(f"{name}_token_id", f"must be a token id in [0, {vocab_size}), "
+                                           f"got {value!r}")
+    modernbert_layout = (ids["pad"], ids["cls"], ids["sep"]) == (
+        MODERNBERT.pad, MODERNBERT.cls, MODERNBERT.sep)
+    extra = {"mask": MODERNBERT.mask, "unk": MODERNBERT.unk} if modernbert_layout else {}
+    return SpecialTokens(**ids, **extra)

@@ -114,6 +114,18 @@ def test_import_from_transformers_gives_equal_logits(objective, case, rng, tmp_p
                   attention_mask)
 
 
+def test_import_reads_sharded_bf16_checkpoints(rng, tmp_path):
+    config = case_config(HF_CASES[1], rng)
+    reference = _random_transformers_model(config, "clm", rng)
+    reference.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="300KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    imported = hf.from_pretrained(tmp_path)
+    assert all(v.dtype == np.float32 for v in flat_params(imported.model).values())
+    ids, attention_mask = padded_batch(37, config.vocab_size, rng)
+    _assert_close(imported(ids, attention_mask),
+                  _torch_logits(reference.to(torch.float32), ids, attention_mask), attention_mask)
+
+
 def test_decoder_converts_to_an_encoder_and_back(rng, tmp_path):
     config = case_config(HF_CASES[1], rng)
     decoder = randomized_model(config, "clm", seed=int(rng.integers(1 << 30)))

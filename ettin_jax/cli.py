@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from data_pipelines.sources import SourceError
 from ettin_jax.config import Recipe, load_recipe, recipe_from_preset, recipe_to_yaml
 from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models.presets import PRESETS
@@ -59,6 +60,70 @@ def _convert(args: argparse.Namespace) -> int:
 
     print(f"{args.to}: {convert_objective(args.source, args.out, to=args.to)}")
     return 0
+
+
+def _sources(args: argparse.Namespace) -> list:
+    from data_pipelines.config import parse_source
+
+    fields = {"field": args.field, "documents": args.documents}
+    return [parse_source(text, **fields) for text in (args.sources or ["bundled"])]
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    import itertools
+
+    from data_pipelines.sources import SourceStats, iter_texts
+    from data_pipelines.tokenizers import train_tokenizer
+
+    sources = _sources(args)
+    texts = itertools.chain.from_iterable(iter_texts(s, SourceStats()) for s in sources)
+    tokenizer = train_tokenizer(args.out, vocab_size=args.vocab_size, texts=texts,
+                                model_type=args.model_type)
+    print(f"tokenizer: {args.out} (vocab {tokenizer.vocab_size}, special ids "
+          f"{tokenizer.special_tokens.as_dict()})")
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from data_pipelines.prepare import prepare
+    from data_pipelines.tokenizers import load_tokenizer
+
+    manifest = prepare(_sources(args), load_tokenizer(args.tokenizer), args.out,
+                       documents_per_shard=args.documents_per_shard, workers=args.workers)
+    print(f"prepared {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
+          f"{len(manifest['shards'])} shards: {Path(args.out) / 'manifest.json'}")
+    for path, stats in manifest["source_stats"].items():
+        print(f"  {path}: {stats}")
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from data_pipelines.inspection import dump_batches, render_row
+    from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    tokenizer = load_data_tokenizer(recipe.data)
+    batches = make_batch_iterator(
+        recipe.data, seq_len=recipe.train.seq_len, global_batch_size=recipe.train.global_batch_size,
+        seed=recipe.train.seed, objective=args.objective, tokenizer=tokenizer,
+    )
+    dumped = [next(batches) for _ in range(args.batches)]
+    for path, stats in batches.source_stats.items():
+        print(f"source {path}: {stats.as_dict()}")
+    print(render_row(dumped[0], tokenizer, objective=args.objective))
+    if args.out:
+        shapes = dump_batches(dumped, args.out)
+        print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+    return 0
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="*", metavar="SOURCE",
+                        help="files, directories, globs, bundled[:SPLIT] or tfds:NAME[:SPLIT] "
+                        "(default: the bundled corpus)")
+    parser.add_argument("--field", default="text", help="JSON Lines / Parquet / TFDS text field")
+    parser.add_argument("--documents", choices=("file", "blank_lines"), default="file",
+                        help="text files: one document per file, or blank-line separated")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +190,49 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=("encoder", "decoder"))
     convert.add_argument("--out", required=True, metavar="DIR", help="output directory")
     convert.set_defaults(run=_convert)
+
+    tokenizer = commands.add_parser("tokenizer", help="train tokenizers",
+                                    description="Tokenizer commands.")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True,
+                                                  metavar="COMMAND")
+    train_tok = tokenizer_commands.add_parser(
+        "train", help="train a SentencePiece tokenizer",
+        description="Train a SentencePiece tokenizer ([PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, "
+        "[MASK] 4) and write DIR/tokenizer.model plus the files transformers' AutoTokenizer "
+        "loads with the same ids.",
+    )
+    train_tok.add_argument("--vocab-size", type=int, required=True)
+    train_tok.add_argument("--out", required=True, metavar="DIR")
+    train_tok.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+    _add_source_options(train_tok)
+    train_tok.set_defaults(run=_tokenizer_train)
+
+    data = commands.add_parser("data", help="prepare and inspect training data",
+                               description="Data commands.")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    prepare = data_commands.add_parser(
+        "prepare", help="tokenize sources into ArrayRecord shards",
+        description="Tokenize sources into ArrayRecord shards with a manifest, on every core. "
+        "Rerunning the same command after an interruption resumes it.",
+    )
+    _add_source_options(prepare)
+    prepare.add_argument("--tokenizer", required=True, metavar="DIR")
+    prepare.add_argument("--out", required=True, metavar="DIR")
+    prepare.add_argument("--workers", type=int, help="processes (default: every core)")
+    prepare.add_argument("--documents-per-shard", type=int, default=4096)
+    prepare.set_defaults(run=_data_prepare)
+
+    inspect = data_commands.add_parser(
+        "inspect", help="dump batches and show a decoded row",
+        description="Build batches from a recipe's data section, print the first row decoded "
+        "(masked tokens shown), and optionally save the batches as .npz.",
+    )
+    inspect.add_argument("recipe", metavar="RECIPE")
+    inspect.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    inspect.add_argument("--objective", choices=("mlm", "clm"), default="mlm")
+    inspect.add_argument("--batches", type=int, default=1)
+    inspect.add_argument("--out", metavar="FILE.npz")
+    inspect.set_defaults(run=_data_inspect)
     return parser
 
 
@@ -133,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, SourceError, FileNotFoundError) as err:
         print(f"ettin-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -92,3 +92,31 @@ def run_hidden(model, input_ids, segment_ids=None, positions=None, *, determinis
 def run_logits(model, input_ids, segment_ids=None, positions=None):
     """model.logits(model(...)) under jit, evaluation mode."""
     return model.logits(model(input_ids, segment_ids, positions))
+
+
+class ByteTokenizer:
+    """A tiny, exact tokenizer for data tests: UTF-8 bytes shifted past the five special ids of
+    ettin-jax's layout ([PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4)."""
+
+    vocab_size = 256 + 5
+
+    def __init__(self):
+        from data_pipelines.special_tokens import PROJECT
+
+        self.special_tokens = PROJECT
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + 5
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) - 5 for i in ids if int(i) >= 5).decode("utf-8", errors="replace")
+
+    def save(self, directory):
+        from pathlib import Path
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "byte_tokenizer.txt").write_text("bytes + 5\n")
+        return ("byte_tokenizer.txt",)

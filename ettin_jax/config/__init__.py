@@ -15,6 +15,7 @@ from ettin_jax.config.schema import (
     PhaseConfig,
     Recipe,
     ScheduleConfig,
+    SourceConfig,
     TrainConfig,
 )
 from ettin_jax.errors import ConfigError
@@ -29,6 +30,7 @@ __all__ = [
     "PhaseConfig",
     "Recipe",
     "ScheduleConfig",
+    "SourceConfig",
     "TrainConfig",
     "load_recipe",
     "recipe_from_preset",

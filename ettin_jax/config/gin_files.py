@@ -24,7 +24,7 @@ from pathlib import Path
 
 import gin
 
-from ettin_jax.config.schema import PhaseConfig, Recipe
+from ettin_jax.config.schema import PhaseConfig, Recipe, SourceConfig
 from ettin_jax.errors import ConfigError, did_you_mean
 
 _SECTION_TYPES: dict[str, type] = typing.get_type_hints(Recipe)
@@ -32,6 +32,7 @@ _CONFIGURABLES: dict[str, type] = {
     **{name: tp for name, tp in _SECTION_TYPES.items() if dataclasses.is_dataclass(tp)},
     "recipe": Recipe,
     "phase": PhaseConfig,
+    "source": SourceConfig,  # data.sources = [@web/source(), @code/source()]
 }
 
 
@@ -59,7 +60,7 @@ def read_gin_file(path: Path) -> dict[str, typing.Any]:
         gin.parse_config_file(str(path))
         raw: dict[str, typing.Any] = {}
         for name in _CONFIGURABLES:
-            if name in ("recipe", "phase"):
+            if name in ("recipe", "phase", "source"):
                 continue
             bindings = gin.get_bindings(name)
             if bindings:

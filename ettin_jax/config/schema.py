@@ -2,7 +2,8 @@
 
 A recipe holds what encoder and decoder share (architecture, data, training, optimizer,
 schedule, mesh, checkpoints, logging, phases); the only objective-specific field is where
-Ettin differs: `data.mlm_mask_ratio`. Each section validates its own values in
+Ettin differs: `data.mlm_mask_ratio`. The data section's dataclasses live with the data
+pipelines (`data_pipelines.config`). Each section validates its own values in
 `__post_init__` (ValueError naming the field); the loader adds the file and key path.
 
 Public contract (scripts and docs rely on these names): train.steps, train.global_batch_size,
@@ -14,23 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from data_pipelines.config import DataConfig, SourceConfig
 from ettin_jax.models.config import OBJECTIVES, ModelConfig, Objective
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """How training rows are made. mlm_mask_ratio: fraction of tokens the encoder predicts."""
-
-    mlm_mask_ratio: float = 0.30
-
-    def __post_init__(self) -> None:
-        _require(0.0 < self.mlm_mask_ratio < 1.0,
-                 f"mlm_mask_ratio must be in (0, 1), got {self.mlm_mask_ratio}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,206 @@
+"""`ettin-jax data prepare`: sources -> tokenized ArrayRecord shards, on every core, resumable.
+
+    OUT/
+      manifest.json            written last: documents, tokens, shards, sources, skip counts
+      tokenizer/               the tokenizer the shards were made with
+      shard-00000.array_record one record per document: int32 token ids, no special tokens
+      progress/                settings.json and one JSON file per finished shard (for resume)
+
+Documents are read in order by the main process and handed, a shard at a time, to worker
+processes that tokenize and write their shard (to a temporary name, renamed when complete).
+A rerun of the same command after an interruption skips the finished shards; different
+settings in the same OUT are refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+
+import grain
+import numpy as np
+from tqdm import tqdm
+
+from data_pipelines.config import SourceConfig
+from data_pipelines.sources import (
+    MANIFEST,
+    PREPARE_SETTINGS,
+    SourceError,
+    SourceStats,
+    iter_texts,
+)
+
+FORMAT_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+PROGRESS_DIR = str(Path(PREPARE_SETTINGS).parent)
+# Tokenizer fingerprint: ids of this text must match between prepare and training.
+PROBE_TEXT = "Ettin: def pair(encoder, decoder):\n    return 'the same network' # über 50% ✓"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.array_record"
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What must agree between the tokenizer of the shards and the one training uses."""
+    return {"vocab_size": int(tokenizer.vocab_size),
+            "special_tokens": tokenizer.special_tokens.as_dict(),
+            "probe_ids": [int(i) for i in tokenizer.encode(PROBE_TEXT)]}
+
+
+def prepare(
+    sources: Sequence[SourceConfig],
+    tokenizer,
+    out: str | Path,
+    *,
+    documents_per_shard: int = 4096,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Tokenizes `sources` into shards under `out`; returns the manifest (also written).
+
+    workers: processes (default: every core). Raises SourceError for unreadable sources and
+    ValueError when `out` holds a preparation with other settings.
+    """
+    out = Path(out)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "sources": [_source_dict(s) for s in sources],
+        "documents_per_shard": documents_per_shard,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    if (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("settings") == settings:
+            return manifest
+        raise ValueError(f"{out} already holds prepared data made with other settings; "
+                         f"choose another output directory")
+    _start_or_resume(out, settings, tokenizer)
+
+    stats = {s.path: SourceStats() for s in sources}
+    texts = itertools.chain.from_iterable(iter_texts(s, stats[s.path]) for s in sources)
+    shards = _batched(texts, documents_per_shard)
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(desc=f"prepare {out.name}", unit=" docs", disable=not progress)
+    pending: list[Future] = []
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for index, documents in enumerate(shards):
+            if _finished(out, index):
+                bar.update(len(documents))
+                continue
+            pending.append(pool.submit(_write_shard, out, index, documents, tokenizer))
+            while len([f for f in pending if not f.done()]) >= 2 * workers:
+                _collect(pending, bar, wait_for_one=True)
+            _collect(pending, bar)
+        while pending:
+            _collect(pending, bar, wait_for_one=True)
+    bar.close()
+    return _write_manifest(out, settings, stats)
+
+
+def _source_dict(source: SourceConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(source)
+
+
+def _start_or_resume(out: Path, settings: dict, tokenizer) -> None:
+    settings_file = out / PREPARE_SETTINGS
+    if settings_file.is_file():
+        if json.loads(settings_file.read_text()) != settings:
+            raise ValueError(f"{out} holds an interrupted preparation with other settings; "
+                             f"rerun it with the same sources and tokenizer, or choose another "
+                             f"output directory")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no preparation; choose another "
+                         f"output directory")
+    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / TOKENIZER_DIR)
+    settings_file.write_text(json.dumps(settings, indent=1))
+
+
+def _batched(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    while batch := list(itertools.islice(texts, size)):
+        yield batch
+
+
+def _finished(out: Path, index: int) -> bool:
+    return (out / PROGRESS_DIR / f"{index:05d}.json").is_file() and (out / shard_name(index)).is_file()
+
+
+def _collect(pending: list[Future], bar, *, wait_for_one: bool = False) -> None:
+    if wait_for_one and pending:
+        pending[0].result()
+    for future in [f for f in pending if f.done()]:
+        bar.update(future.result())
+        pending.remove(future)
+
+
+def _write_shard(out: Path, index: int, documents: list[str], tokenizer) -> int:
+    """Worker: tokenizes `documents` into shard `index`; returns the number of documents."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    final = out / shard_name(index)
+    tmp = final.with_name(final.name + ".tmp")
+    tokens = 0
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    try:
+        for ids in tokenizer.encode_batch(documents):
+            ids = np.asarray(ids, np.int32)
+            tokens += len(ids)
+            writer.write(ids.tobytes())
+    finally:
+        writer.close()
+    os.replace(tmp, final)
+    record = {"file": final.name, "documents": len(documents), "tokens": tokens,
+              "text_bytes": sum(len(d.encode("utf-8", errors="replace")) for d in documents)}
+    (out / PROGRESS_DIR / f"{index:05d}.json").write_text(json.dumps(record))
+    return len(documents)
+
+
+def _write_manifest(out: Path, settings: dict, stats: dict[str, SourceStats]) -> dict:
+    shards = [json.loads(p.read_text()) for p in sorted((out / PROGRESS_DIR).glob("[0-9]*.json"))]
+    manifest = {
+        "settings": settings,
+        "documents": sum(s["documents"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "text_bytes": sum(s["text_bytes"] for s in shards),
+        "shards": shards,
+        "source_stats": {path: s.as_dict() for path, s in stats.items()},
+    }
+    if manifest["documents"] == 0:
+        raise SourceError(f"no documents to prepare in {[s['path'] for s in settings['sources']]}")
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def open_prepared(path: Path, tokenizer) -> tuple[grain.MapDataset, int]:
+    """The documents of prepared directory `path` as int32 token arrays, and their count.
+
+    Raises SourceError when `path` is not a finished preparation or was made with another
+    tokenizer than `tokenizer` (None skips that check).
+    """
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise SourceError(f"{path}: no {MANIFEST}; the preparation did not finish (rerun "
+                          f"`ettin-jax data prepare` with the same arguments to resume)")
+    manifest = json.loads(manifest_file.read_text())
+    if tokenizer is not None and manifest["settings"]["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise SourceError(f"{path}: prepared with another tokenizer than data.tokenizer "
+                          f"(vocab {manifest['settings']['tokenizer']['vocab_size']} vs "
+                          f"{tokenizer.vocab_size}); use {path / TOKENIZER_DIR} or prepare again")
+    files = [str(path / shard["file"]) for shard in manifest["shards"]]
+    source = grain.sources.ArrayRecordDataSource(files)
+    return grain.MapDataset.source(source).map(_decode_record), manifest["documents"]
+
+
+def _decode_record(record: bytes) -> np.ndarray:
+    return np.frombuffer(record, dtype=np.int32)

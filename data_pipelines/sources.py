@@ -1,0 +1,273 @@
+"""Sources of documents: text files, JSON Lines, Parquet, TFDS, the bundled corpus and prepared
+(pre-tokenized) shards, as grain datasets of token arrays.
+
+Text-like sources are read once, front to back, by `iter_texts`, which also counts what it had to
+fix or skip (`SourceStats`): invalid UTF-8 is replaced (and counted), empty documents are skipped
+(and counted), documents longer than `MAX_DOCUMENT_CHARS` are cut at line boundaries into pieces
+(and counted) so one enormous document cannot exhaust memory. Structural problems (a missing path,
+a malformed JSON line, a missing field, a source without documents) raise `SourceError` naming the
+file and line. For corpora larger than memory, `ettin-jax data prepare` streams them into shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from data_pipelines.config import SourceConfig
+
+MAX_DOCUMENT_CHARS = 1_000_000
+MANIFEST = "manifest.json"  # a finished `data prepare` directory
+PREPARE_SETTINGS = "progress/settings.json"  # a started one
+BUNDLED = "bundled"
+
+
+class SourceError(ValueError):
+    """A source cannot be read; the message names the source, file and line where known."""
+
+
+@dataclasses.dataclass
+class SourceStats:
+    """What reading a source fixed or skipped, by count."""
+
+    documents: int = 0
+    empty_skipped: int = 0
+    invalid_utf8_replaced: int = 0
+    enormous_split: int = 0
+
+    def merge(self, other: SourceStats) -> None:
+        """Adds `other`'s counts to this one."""
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts by name."""
+        return dataclasses.asdict(self)
+
+
+def source_kind(source: SourceConfig) -> str:
+    """The kind of `source`, inferring "auto" from the path (see `SourceConfig`)."""
+    if source.kind != "auto":
+        return source.kind
+    if source.path == BUNDLED:
+        return "bundled"
+    path = Path(source.path)
+    if path.is_dir() and ((path / MANIFEST).is_file() or (path / PREPARE_SETTINGS).is_file()):
+        return "prepared"
+    return "text"  # per-file kinds (jsonl, parquet, text) are inferred by suffix when reading
+
+
+def source_files(source: SourceConfig) -> list[Path]:
+    """The files a file-based source reads, sorted. Raises SourceError when there are none."""
+    path = source.path
+    if any(ch in path for ch in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if Path(p).is_file()]
+        if not files:
+            raise SourceError(f"source {path!r}: the pattern matches no files")
+        return files
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in
+                                                  p.relative_to(root).parts))
+        if not files:
+            raise SourceError(f"source {path!r}: the directory holds no files")
+        return files
+    raise SourceError(f"source {path!r}: no such file or directory")
+
+
+def iter_texts(source: SourceConfig, stats: SourceStats) -> Iterator[str]:
+    """The documents of a text-like source (not "prepared"), in a fixed order, as strings.
+
+    Updates `stats` as it goes. Raises SourceError for unreadable input.
+    """
+    kind = source_kind(source)
+    if kind == "prepared":
+        raise SourceError(f"source {source.path!r} is prepared (token shards), not text")
+    for text in _raw_texts(source, kind, stats):
+        if not text.strip():
+            stats.empty_skipped += 1
+            continue
+        pieces = list(_split_enormous(text))
+        if len(pieces) > 1:
+            stats.enormous_split += 1
+        stats.documents += len(pieces)
+        yield from pieces
+
+
+def _raw_texts(source: SourceConfig, kind: str, stats: SourceStats) -> Iterator[str]:
+    if kind == "bundled":
+        from data_pipelines.corpus import bundled_documents
+
+        try:
+            documents = bundled_documents(source.split)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise SourceError(f"source 'bundled': {err}") from None
+        yield from (d.text for d in documents)
+    elif kind == "tfds":
+        yield from _tfds_texts(source, stats)
+    else:
+        for file in source_files(source):
+            file_kind = kind if kind != "text" or source.kind == "text" else _kind_of(file)
+            if file_kind == "jsonl":
+                yield from _jsonl_texts(file, source.field, stats)
+            elif file_kind == "parquet":
+                yield from _parquet_texts(file, source.field)
+            else:
+                text = _decode(file.read_bytes(), stats)
+                if source.documents == "blank_lines":
+                    yield from _blank_line_documents(text)
+                else:
+                    yield text
+
+
+def _kind_of(file: Path) -> str:
+    suffix = file.suffix.lower()
+    return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
+
+
+def _decode(raw: bytes, stats: SourceStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.invalid_utf8_replaced += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def _blank_line_documents(text: str) -> Iterator[str]:
+    document: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            document.append(line)
+        elif document:
+            yield "".join(document)
+            document = []
+    if document:
+        yield "".join(document)
+
+
+def _jsonl_texts(file: Path, field: str, stats: SourceStats) -> Iterator[str]:
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(_decode(raw, stats))
+            except json.JSONDecodeError as err:
+                raise SourceError(f"{file}:{number}: malformed JSON line: {err.msg}") from None
+            if not isinstance(record, dict) or field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise SourceError(f"{file}:{number}: no field {field!r} (found {keys}); set "
+                                  f"the source's `field`")
+            value = record[field]
+            if value is not None and not isinstance(value, str):
+                raise SourceError(f"{file}:{number}: field {field!r} is not a string")
+            yield value or ""
+
+
+def _parquet_texts(file: Path, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise SourceError(f"{file}: not a Parquet file: {err}") from None
+    if field not in parquet.schema_arrow.names:
+        raise SourceError(f"{file}: no column {field!r} (columns: {parquet.schema_arrow.names}); "
+                          f"set the source's `field`")
+    for batch in parquet.iter_batches(columns=[field]):
+        for value in batch.column(0).to_pylist():
+            yield value or ""
+
+
+def _tfds_texts(source: SourceConfig, stats: SourceStats) -> Iterator[str]:
+    for record in tfds_records(source):
+        value = record.get(source.field) if isinstance(record, dict) else None
+        if value is None:
+            raise SourceError(f"tfds {source.path!r}: no feature {source.field!r} "
+                              f"(features: {sorted(record) if isinstance(record, dict) else '?'})")
+        yield _decode(value, stats) if isinstance(value, bytes) else str(value)
+
+
+def tfds_records(source: SourceConfig) -> Sequence:
+    """Random-access records of a TFDS dataset built in the array_record format (no TensorFlow
+    needed: `tfds.data_source`). Raises SourceError when it cannot be opened."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(source.path, split=source.split, data_dir=source.data_dir)
+    except Exception as err:  # TFDS raises many types; the message is what matters
+        raise SourceError(f"tfds {source.path!r} split {source.split!r}: {err}") from None
+
+
+def _split_enormous(text: str) -> Iterator[str]:
+    """`text` in pieces of at most MAX_DOCUMENT_CHARS, cut after a newline where there is one."""
+    start = 0
+    while len(text) - start > MAX_DOCUMENT_CHARS:
+        end = text.rfind("\n", start, start + MAX_DOCUMENT_CHARS) + 1
+        if end <= start:
+            end = start + MAX_DOCUMENT_CHARS
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
+# --- as grain datasets of token arrays ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenDocuments:
+    """A source as a random-access grain dataset of int32 token arrays (no special tokens)."""
+
+    source: SourceConfig
+    dataset: grain.MapDataset
+    stats: SourceStats
+
+
+def open_source(source: SourceConfig, tokenizer) -> TokenDocuments:
+    """`source` as token arrays: prepared shards are read as they are; other sources are read
+    into memory and tokenized on access with `tokenizer` (anything with `encode(str)`).
+
+    Raises SourceError when the source holds no documents.
+    """
+    stats = SourceStats()
+    if source_kind(source) == "prepared":
+        from data_pipelines.prepare import open_prepared
+
+        dataset, stats.documents = open_prepared(Path(source.path), tokenizer)
+    else:
+        texts = list(iter_texts(source, stats))
+        dataset = grain.MapDataset.source(texts).map(tokenizer.encode)
+    if stats.documents == 0:
+        raise SourceError(f"source {source.path!r} holds no documents "
+                          f"({stats.empty_skipped} empty ones skipped)")
+    return TokenDocuments(source, dataset, stats)
+
+
+def mixture(sources: Sequence[TokenDocuments], *, seed: int) -> grain.MapDataset:
+    """An endless stream of documents from `sources`, mixed by their weights; each source is
+    reshuffled every epoch, deterministically for `seed`."""
+    endless = [
+        s.dataset.shuffle(seed=_source_seed(seed, index)).repeat(None)
+        for index, s in enumerate(sources)
+    ]
+    if len(endless) == 1:
+        return endless[0]
+    return grain.MapDataset.mix(endless, weights=[s.source.weight for s in sources])
+
+
+def one_epoch(documents: TokenDocuments, *, seed: int) -> grain.MapDataset:
+    """Every document of one source exactly once, shuffled for `seed`."""
+    return documents.dataset.shuffle(seed=_source_seed(seed, 0))
+
+
+def _source_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])

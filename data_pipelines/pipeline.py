@@ -116,16 +116,16 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 def load_data_tokenizer(data: DataConfig):
     """The tokenizer of `data`: data.tokenizer, else the one saved with prepared sources.
 
-    Raises ValueError naming data.tokenizer when there is none.
+    Raises TokenizerError naming data.tokenizer when there is none.
     """
-    from data_pipelines.tokenizers import load_tokenizer
+    from data_pipelines.tokenizers import TokenizerError, load_tokenizer
 
     if data.tokenizer is not None:
         return load_tokenizer(data.tokenizer)
     for source in data.sources:
         if source_kind(source) == "prepared":
             return load_tokenizer(Path(source.path) / "tokenizer")
-    raise ValueError("data.tokenizer is not set and no source is prepared: train a tokenizer "
+    raise TokenizerError("data.tokenizer is not set and no source is prepared: train a tokenizer "
                      "with `ettin-jax tokenizer train --vocab-size N --out DIR` and set "
                      "data.tokenizer=DIR")
 

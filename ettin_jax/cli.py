@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_pipelines.sources import SourceError
+from data_pipelines.tokenizers import TokenizerError
 from ettin_jax.config import Recipe, load_recipe, recipe_from_preset, recipe_to_yaml
 from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models.presets import PRESETS
@@ -241,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, SourceError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, SourceError, TokenizerError, FileNotFoundError) as err:
         print(f"ettin-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

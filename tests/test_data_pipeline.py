@@ -149,3 +149,41 @@ def test_prepared_shards_feed_the_pipeline(corpus, tmp_path):
     with pytest.raises(SourceError, match="another tokenizer"):
         open_source(SourceConfig(str(tmp_path / "p")), OtherTokenizer())
     shutil.rmtree(tmp_path / "p")
+
+
+def test_cli_tokenizer_prepare_inspect_end_to_end(corpus, tmp_path, capsys):
+    """What a user runs: train a tokenizer, prepare shards, inspect MLM batches from a recipe."""
+    from transformers import AutoTokenizer
+
+    from ettin_jax.cli import main
+
+    from data_pipelines.corpus import bundled_documents
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for document in bundled_documents("train")[:3]:  # enough text for a 400-piece vocabulary
+        (texts / document.name.replace("/", "_")).write_text(document.text)
+    assert main(["tokenizer", "train", "--vocab-size", "400", "--out", str(tmp_path / "tok"),
+                 str(texts)]) == 0
+    assert main(["tokenizer", "train", "--vocab-size", "90000", "--out", str(tmp_path / "t2"),
+                 str(texts)]) == 2
+    assert "Vocabulary size too high" in capsys.readouterr().err
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok").mask_token_id == 4
+    assert main(["data", "prepare", str(corpus), "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "prepared"), "--workers", "1"]) == 0
+    assert "prepared 40 documents" in capsys.readouterr().out
+
+    recipe = "recipes/tiny.yaml"
+    overrides = [f"data.sources=[{{path: {tmp_path / 'prepared'}}}]", "train.seq_len=48",
+                 "train.global_batch_size=4"]
+    out = tmp_path / "batches.npz"
+    assert main(["data", "inspect", recipe, *overrides, "--objective", "mlm", "--batches", "3",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[MASK→" in printed and "<doc 1>" in printed and "packing" in printed
+    arrays = np.load(out)
+    assert arrays["input_ids"].shape == (3, 4, 48) and arrays["labels"].shape == (3, 4, 48)
+    assert arrays["masked_positions"].shape[:2] == (3, 4)
+
+    assert main(["data", "inspect", recipe, *overrides[1:], "--objective", "clm"]) == 2
+    assert "data.tokenizer is not set" in capsys.readouterr().err

@@ -175,3 +175,30 @@ def test_bad_gin_names_file_and_key(tmp_path, text, expected):
 def test_gin_section_bound_twice_is_an_error(tmp_path):
     path = _write(tmp_path, "r.gin", "recipe.train = @train()\ntrain.steps = 3\n")
     assert "bound both as recipe.train and as train.*" in _error(path)
+
+
+def test_data_sources_in_yaml_gin_and_overrides(tmp_path):
+    from ettin_jax.config import SourceConfig
+
+    gin_path = _write(tmp_path, "r.gin", """
+        data.sources = [@web/source(), @code/source()]
+        web/source.path = 'web/*.jsonl'
+        web/source.weight = 3.0
+        code/source.path = 'code'
+        code/source.documents = 'blank_lines'
+        data.tokenizer = 'runs/tokenizer'
+    """)
+    yaml_path = _write(tmp_path, "r.yaml", """
+        data:
+          tokenizer: runs/tokenizer
+          sources:
+            - {path: "web/*.jsonl", weight: 3}
+            - {path: code, documents: blank_lines}
+    """)
+    recipe = load_recipe(gin_path)
+    assert recipe == load_recipe(yaml_path)
+    assert recipe.data.sources == (SourceConfig("web/*.jsonl", weight=3.0),
+                                   SourceConfig("code", documents="blank_lines"))
+    assert load_recipe(yaml_path, ["data.sources.1.weight=2"]).data.sources[1].weight == 2.0
+    message = _error(yaml_path, ["data.sources.0.kind=csv"])
+    assert "data.sources.0.kind" in message and "jsonl" in message

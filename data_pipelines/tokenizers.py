@@ -47,11 +47,33 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    """The interface the data pipelines use. Subclasses set `vocab_size` and `special_tokens`
-    (all five ids) and implement `_encode_plain` and the rest."""
+    """The interface the data pipelines use. Subclasses are built from their file's content
+    (`__init__(data, source=...)`, kept as `_data` so that pickling is cheap and exact), set
+    `vocab_size` and `special_tokens` (all five ids) and implement `_encode_plain` and the rest."""
 
+    FILE: str  # the file name a directory holds
+    BINARY: bool  # whether that file is read as bytes (else as UTF-8 text)
+    HF_CLASS: str  # the transformers class that loads it with the same ids
     vocab_size: int
     special_tokens: SpecialTokens
+    _data: bytes | str
+    _source: str
+
+    def __getstate__(self) -> dict:
+        return {"data": self._data, "source": self._source}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["data"], source=state["source"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """From the tokenizer's file, or a directory holding it under its usual name (`FILE`)."""
+        path = Path(path)
+        file = path / cls.FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such tokenizer file")
+        data = file.read_bytes()
+        return cls(data if cls.BINARY else data.decode("utf-8"), source=str(file))
 
     def encode(self, text: str) -> np.ndarray:
         """int32 ids of `text`, no special tokens added (literal special tokens map to their id)."""
@@ -77,8 +99,13 @@ class Tokenizer:
         raise NotImplementedError
 
     def save(self, directory: str | Path) -> tuple[str, ...]:
-        """Writes the tokenizer for ettin-jax and transformers; returns the file names."""
-        raise NotImplementedError
+        """Writes the tokenizer for ettin-jax and transformers (`FILE` plus the configuration
+        files naming `HF_CLASS` and the special tokens); returns the file names."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        data = self._data if self.BINARY else self._data.encode("utf-8")
+        (directory / self.FILE).write_bytes(data)
+        return (self.FILE, *self._write_hf_config(directory, self.HF_CLASS))
 
     def _encode_plain(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -110,9 +137,10 @@ def _find_specials(lookup, source: str) -> SpecialTokens:
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model (unigram or BPE), held as its serialized bytes (picklable)."""
 
+    FILE, BINARY, HF_CLASS = SENTENCEPIECE_FILE, True, "SentencePieceBackend"
+
     def __init__(self, model_proto: bytes, *, source: str = "<memory>"):
-        self._proto = model_proto
-        self._source = source
+        self._data, self._source = model_proto, source
         self._processor = spm.SentencePieceProcessor()
         try:
             self._processor.LoadFromSerializedProto(model_proto)
@@ -125,21 +153,6 @@ class SentencePieceTokenizer(Tokenizer):
             return token_id if self._processor.IdToPiece(token_id) == text else None
 
         self.special_tokens = _find_specials(lookup, source)
-
-    def __getstate__(self) -> dict:
-        return {"proto": self._proto, "source": self._source}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["proto"], source=state["source"])
-
-    @classmethod
-    def load(cls, path: str | Path) -> SentencePieceTokenizer:
-        """From a `.model` file or a directory holding `tokenizer.model`."""
-        path = Path(path)
-        file = path / SENTENCEPIECE_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no such SentencePiece model")
-        return cls(file.read_bytes(), source=str(file))
 
     @classmethod
     def train(
@@ -198,11 +211,6 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str:
         return self._processor.IdToPiece(int(token_id))
 
-    def save(self, directory: str | Path) -> tuple[str, ...]:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / SENTENCEPIECE_FILE).write_bytes(self._proto)
-        return (SENTENCEPIECE_FILE, *self._write_hf_config(directory, "SentencePieceBackend"))
 
 
 def _cut(line: str) -> Iterable[str]:
@@ -214,32 +222,18 @@ def _cut(line: str) -> Iterable[str]:
 class HFTokenizer(Tokenizer):
     """A HuggingFace `tokenizer.json` (e.g. ModernBERT's BPE) through the `tokenizers` library."""
 
+    FILE, BINARY, HF_CLASS = HF_TOKENIZER_FILE, False, "PreTrainedTokenizerFast"
+
     def __init__(self, serialized: str, *, source: str = "<memory>"):
         from tokenizers import Tokenizer as RustTokenizer
 
-        self._serialized = serialized
-        self._source = source
+        self._data, self._source = serialized, source
         try:
             self._tokenizer = RustTokenizer.from_str(serialized)
         except Exception as err:  # the Rust library raises its own exception type
             raise TokenizerError(f"{source}: not a HuggingFace tokenizer.json: {err}") from None
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.special_tokens = _find_specials(self._tokenizer.token_to_id, source)
-
-    def __getstate__(self) -> dict:
-        return {"serialized": self._serialized, "source": self._source}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["serialized"], source=state["source"])
-
-    @classmethod
-    def load(cls, path: str | Path) -> HFTokenizer:
-        """From a tokenizer.json file or a directory holding one."""
-        path = Path(path)
-        file = path / HF_TOKENIZER_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no such tokenizer.json")
-        return cls(file.read_text(), source=str(file))
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
@@ -254,11 +248,6 @@ class HFTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str:
         return self._tokenizer.id_to_token(int(token_id))
 
-    def save(self, directory: str | Path) -> tuple[str, ...]:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / HF_TOKENIZER_FILE).write_text(self._serialized)
-        return (HF_TOKENIZER_FILE, *self._write_hf_config(directory, "PreTrainedTokenizerFast"))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -118,6 +118,12 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_recipe_arguments(parser: argparse.ArgumentParser, metavar: str = "RECIPE",
+                          help: str = "a recipe file (.yaml/.gin)") -> None:
+    parser.add_argument("recipe", metavar=metavar, help=help)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+
+
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="files, directories, globs, bundled[:SPLIT] or tfds:NAME[:SPLIT] "
@@ -141,9 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parameter counts (total and non-embedding, from jax.eval_shape: no weights "
         "are allocated) and training FLOPs per token for both members of a pair.",
     )
-    describe.add_argument("recipe", metavar="PRESET_OR_RECIPE",
-                          help=f"a recipe file (.yaml/.gin) or a preset: {', '.join(PRESETS)}")
-    describe.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    _add_recipe_arguments(describe, "PRESET_OR_RECIPE",
+                          f"a recipe file (.yaml/.gin) or a preset: {', '.join(PRESETS)}")
     describe.add_argument("--json", action="store_true", help="print one JSON object")
     describe.set_defaults(run=_describe)
 
@@ -153,8 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a recipe (.yaml or .gin) with overrides, validate every key, type and "
         "value, and print the resolved recipe as YAML.",
     )
-    recipe.add_argument("recipe", metavar="RECIPE", help="a recipe file (.yaml/.gin)")
-    recipe.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    _add_recipe_arguments(recipe)
     recipe.set_defaults(run=_recipe)
 
     export = commands.add_parser(
@@ -228,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build batches from a recipe's data section, print the first row decoded "
         "(masked tokens shown), and optionally save the batches as .npz.",
     )
-    inspect.add_argument("recipe", metavar="RECIPE")
-    inspect.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    _add_recipe_arguments(inspect)
     inspect.add_argument("--objective", choices=("mlm", "clm"), default="mlm")
     inspect.add_argument("--batches", type=int, default=1)
     inspect.add_argument("--out", metavar="FILE.npz")

@@ -118,6 +118,21 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from ettin_jax.training.distributed import initialize
+    from ettin_jax.training.trainer import train_pair
+
+    initialize(coordinator=args.coordinator, num_processes=args.num_processes,
+               process_id=args.process_id, cpu_devices=args.cpu_devices)
+    recipe = load_recipe(args.recipe, args.overrides)
+    results = train_pair(recipe, args.run_dir, only=args.only)
+    for result in results.values():
+        status = result.stopped or "done"
+        print(f"{result.member}: step {result.step}, {result.tokens:,} tokens, loss "
+              f"{result.loss if result.loss is None else round(result.loss, 4)} ({status})")
+    return 3 if any(r.stopped and "non-finite" in r.stopped for r in results.values()) else 0
+
+
 def _add_recipe_arguments(parser: argparse.ArgumentParser, metavar: str = "RECIPE",
                           help: str = "a recipe file (.yaml/.gin)") -> None:
     parser.add_argument("recipe", metavar=metavar, help=help)
@@ -160,6 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_arguments(recipe)
     recipe.set_defaults(run=_recipe)
+
+    train = commands.add_parser(
+        "train",
+        help="train the encoder and the decoder of a recipe",
+        description="Train both members of the pair (or --only one) into RUN_DIR/encoder and "
+        "RUN_DIR/decoder, on the same rows in the same order. Rerunning the same command "
+        "resumes from the latest complete checkpoint.",
+    )
+    _add_recipe_arguments(train)
+    train.add_argument("--run-dir", required=True, metavar="DIR")
+    train.add_argument("--only", choices=("encoder", "decoder"))
+    train.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="multi-host: address of process 0 (TPU and SLURM need none)")
+    train.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    train.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    train.add_argument("--cpu-devices", type=int,
+                       help="run on N fake CPU devices (tests and debugging)")
+    train.set_defaults(run=_train)
 
     export = commands.add_parser(
         "export",

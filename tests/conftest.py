@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight fake CPU devices for mesh tests; unsharded code runs on the first one as before.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
 
 import dataclasses  # noqa: E402
 import zlib  # noqa: E402

@@ -31,7 +31,8 @@ class TrainConfig:
     steps: optimizer updates; global_batch_size: rows per update over all hosts; seq_len:
     tokens per row; seed: the one seed of init, data order and masking (Ettin used 21);
     objectives: which members of the pair to train; microbatch_size: rows per gradient
-    accumulation microbatch (None = no accumulation).
+    accumulation microbatch (None = no accumulation); max_nonfinite_steps: updates in a row
+    skipped for a non-finite loss or gradient before the run saves and stops.
     """
 
     steps: int = 1000
@@ -40,6 +41,7 @@ class TrainConfig:
     seed: int = 21
     objectives: tuple[Objective, ...] = OBJECTIVES
     microbatch_size: int | None = None
+    max_nonfinite_steps: int = 8
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -48,6 +50,8 @@ class TrainConfig:
         _require(self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}")
         _require(len(self.objectives) >= 1 and len(set(self.objectives)) == len(self.objectives),
                  f"objectives must name mlm and/or clm once each, got {list(self.objectives)}")
+        _require(self.max_nonfinite_steps >= 1,
+                 f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.microbatch_size is not None:
             _require(self.microbatch_size >= 1 and self.global_batch_size % self.microbatch_size == 0,
                      f"microbatch_size {self.microbatch_size} must divide global_batch_size "
@@ -118,11 +122,14 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints: save every `every_steps`, keep the last `keep` (and every
-    `keep_every`-th step forever when set)."""
+    `keep_every`-th step forever when set). init_from: a checkpoint (member or step directory)
+    whose weights start a fresh run (new optimizer), e.g. the other member's for
+    cross-objective training."""
 
     every_steps: int = 1000
     keep: int = 3
     keep_every: int | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, f"every_steps must be >= 1, got {self.every_steps}")

@@ -4,6 +4,9 @@
       checkpoints/<step>/           one orbax CheckpointManager step, items:
         params/                       the model's parameters (nnx pure dict)
         meta/                         JSON: format version, objective, model config, special tokens
+        train/                        (training) optimizer state and counters
+        progress/                     (training) JSON: tokens seen, data iterator state
+        recipe/                       (training) JSON: the resolved recipe
       tokenizer/                    tokenizer files (optional), shared by every step
 
 Orbax writes each step to a temporary directory and renames it when complete, so a step that
@@ -24,9 +27,11 @@ from flax import nnx
 from data_pipelines.special_tokens import SpecialTokens
 from data_pipelines.tokenizer_files import copy_tokenizer_files
 from ettin_jax.config.loading import dataclass_from_dict, recipe_to_dict
+from ettin_jax.config.schema import CheckpointConfig
 from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models import EttinModel, ModelConfig
 from ettin_jax.models.config import OBJECTIVES, Objective
+from ettin_jax.training.state import TrainState
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer"
@@ -45,6 +50,13 @@ class RestoredWeights:
     step_dir: Path
 
 
+def checkpoint_meta(config: ModelConfig, objective: Objective,
+                    special_tokens: SpecialTokens) -> dict[str, Any]:
+    """The `meta` item of every checkpoint step: what the weights are."""
+    return {"format_version": FORMAT_VERSION, "objective": objective,
+            "model": recipe_to_dict(config), "special_tokens": special_tokens.as_dict()}
+
+
 def save_weights(
     member_dir: str | Path,
     model: EttinModel,
@@ -59,12 +71,7 @@ def save_weights(
     CheckpointError when the step already exists.
     """
     member_dir = Path(member_dir).absolute()
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "objective": model.objective,
-        "model": recipe_to_dict(model.config),
-        "special_tokens": special_tokens.as_dict(),
-    }
+    meta = checkpoint_meta(model.config, model.objective, special_tokens)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.CheckpointManager(member_dir / CHECKPOINTS) as manager:
         if step in manager.all_steps():
@@ -157,3 +164,56 @@ def _read_meta(meta: Any, step_dir: Path) -> tuple[ModelConfig, Objective, Speci
     except (ConfigError, TypeError) as err:
         raise CheckpointError(f"{source}: {err}") from None
     return config, meta["objective"], special_tokens
+
+
+class TrainCheckpointer:
+    """Checkpoints of a training run of one member: async saves every `every_steps`, the last
+    `keep` kept (and every `keep_every`-th step forever), exact restore onto any mesh.
+
+    Only complete steps are ever listed or restored (orbax finalizes a step by renaming it).
+    """
+
+    def __init__(self, member_dir: str | Path, config: CheckpointConfig):
+        self.member_dir = Path(member_dir).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep, keep_period=config.keep_every,
+            enable_async_checkpointing=True, create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.member_dir / CHECKPOINTS, options=options)
+
+    def latest_step(self) -> int | None:
+        """The latest complete step, or None."""
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: TrainState, *, meta: dict, progress: dict,
+             recipe: dict) -> None:
+        """Starts writing checkpoint `step` in the background (returns at once)."""
+        counters = {"opt_state": state.opt_state, "step": state.step, "skipped": state.skipped,
+                    "nonfinite_streak": state.nonfinite_streak}
+        self._manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(counters),
+            meta=ocp.args.JsonSave(meta), progress=ocp.args.JsonSave(progress),
+            recipe=ocp.args.JsonSave(recipe)), force=True)
+
+    def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict, dict]:
+        """(state on `abstract`'s shardings, progress, recipe dict) of step `step`."""
+        counters = {"opt_state": abstract.opt_state, "step": abstract.step,
+                    "skipped": abstract.skipped, "nonfinite_streak": abstract.nonfinite_streak}
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract.params),
+            train=ocp.args.StandardRestore(counters),
+            progress=ocp.args.JsonRestore(), recipe=ocp.args.JsonRestore()))
+        train = restored["train"]
+        state = TrainState(step=train["step"], params=restored["params"],
+                           opt_state=train["opt_state"], skipped=train["skipped"],
+                           nonfinite_streak=train["nonfinite_streak"])
+        return state, restored["progress"], restored["recipe"]
+
+    def wait(self) -> None:
+        """Blocks until background saves are complete."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()

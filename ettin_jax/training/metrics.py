@@ -1,0 +1,56 @@
+"""Training metrics: one JSON object per logged step in metrics.jsonl, and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends records to MEMBER_DIR/metrics.jsonl (only where `enabled`, i.e. on process 0).
+
+    On a resumed run, records past the restored step are dropped first, so the file never holds
+    a step twice.
+    """
+
+    def __init__(self, member_dir: Path, *, resume_step: int, total_steps: int, desc: str,
+                 enabled: bool = True):
+        self.path = member_dir / METRICS_FILE
+        self.enabled = enabled
+        if enabled:
+            member_dir.mkdir(parents=True, exist_ok=True)
+            kept = [line for line in _lines(self.path) if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(kept))
+        self._bar = tqdm(total=total_steps, initial=resume_step, desc=desc, unit="step",
+                         disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Writes one record (must hold `step` and `loss`)."""
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        """Moves the progress bar."""
+        self._bar.update(steps)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    return [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
+
+
+def read_metrics(member_dir: Path) -> list[dict[str, Any]]:
+    """The records of MEMBER_DIR/metrics.jsonl."""
+    return [json.loads(line) for line in _lines(member_dir / METRICS_FILE)]

@@ -1,0 +1,100 @@
+"""The train state: parameters, optimizer state and counters, as one pytree with explicit
+shardings, and how it is created (initialised in place on the mesh, never gathered)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from ettin_jax.models import EttinModel, ModelConfig
+from ettin_jax.models.config import Objective
+from ettin_jax.training.mesh import parameter_sharding, replicated
+
+Params = dict[str, Any]  # nnx pure dict of the model's parameters
+
+
+@struct.dataclass
+class TrainState:
+    """step: updates applied; params: fp32 master weights; opt_state: optax state;
+    skipped: updates skipped for a non-finite loss or gradient; nonfinite_streak: of them in a
+    row (reset by a finite step)."""
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+    skipped: jax.Array
+    nonfinite_streak: jax.Array
+
+
+def model_graph(config: ModelConfig, objective: Objective) -> nnx.GraphDef:
+    """The static structure of the model (no arrays), to merge with params in the step."""
+    abstract = nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)[0]
+
+
+def params_shardings(config: ModelConfig, objective: Objective, mesh: Mesh) -> Params:
+    """NamedSharding of every parameter (pure dict), from its logical axes and the rules."""
+    abstract = nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    shapes = nnx.to_pure_dict(state)
+    return jax.tree.map_with_path(
+        lambda path, spec, shape: parameter_sharding(mesh, spec, shape.shape,
+                                                     jax.tree_util.keystr(path)),
+        specs, shapes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def state_shardings(optimizer: optax.GradientTransformation, params_sharding: Params,
+                    abstract_params: Params, mesh: Mesh) -> TrainState:
+    """Shardings of a whole TrainState: optimizer moments follow their parameters, scalars
+    are replicated."""
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt_sharding = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract_opt, params_sharding,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+    scalar = replicated(mesh)
+    return TrainState(step=scalar, params=params_sharding, opt_state=opt_sharding,
+                      skipped=scalar, nonfinite_streak=scalar)
+
+
+def _new_state(config: ModelConfig, objective: Objective,
+               optimizer: optax.GradientTransformation, seed: int,
+               params: Params | None = None) -> TrainState:
+    """A step-0 state: `params`, or parameters initialised from `seed`."""
+    if params is None:
+        params = nnx.to_pure_dict(nnx.state(EttinModel(config, objective, rngs=nnx.Rngs(seed))))
+    zero = jnp.zeros([], jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(params), skipped=zero,
+                      nonfinite_streak=zero)
+
+
+def init_state(config: ModelConfig, objective: Objective, optimizer: optax.GradientTransformation,
+               mesh: Mesh, *, seed: int, params: Params | None = None) -> tuple[TrainState,
+                                                                             TrainState]:
+    """A fresh TrainState on `mesh` and its shardings. Parameters are initialised from `seed`
+    directly into their shards, or taken from `params` (weights-only restore)."""
+    param_sharding = params_shardings(config, objective, mesh)
+    abstract = jax.eval_shape(lambda: _new_state(config, objective, optimizer, seed)).params
+    shardings = state_shardings(optimizer, param_sharding, abstract, mesh)
+    if params is None:
+        state = jax.jit(lambda: _new_state(config, objective, optimizer, seed),
+                        out_shardings=shardings)()
+    else:
+        placed = jax.device_put(params, param_sharding)
+        state = jax.jit(lambda p: _new_state(config, objective, optimizer, seed, p),
+                        out_shardings=shardings)(placed)
+    return state, shardings
+
+
+def abstract_state(shardings: TrainState, config: ModelConfig, objective: Objective,
+                   optimizer: optax.GradientTransformation) -> TrainState:
+    """ShapeDtypeStructs with shardings: the restore target of a checkpoint on this mesh."""
+    shapes = jax.eval_shape(lambda: _new_state(config, objective, optimizer, 0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)

@@ -1,0 +1,232 @@
+"""Train the members of an Ettin pair: recipe -> mesh -> data -> state -> steps -> checkpoints.
+
+    train_pair(recipe, run_dir)          # RUN_DIR/encoder and RUN_DIR/decoder, same rows
+
+Each member resumes from its latest complete checkpoint when there is one (same command after
+a crash or kill), so the following losses are the ones an uninterrupted run would give.
+SIGTERM (preemption) stops at the next step boundary after saving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from pathlib import Path
+
+import jax
+
+from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
+from ettin_jax.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
+from ettin_jax.errors import CheckpointError, ConfigError
+from ettin_jax.models.config import Objective
+from ettin_jax.models.describe import training_flops_per_token
+from ettin_jax.training.checkpoint import (
+    MEMBERS,
+    TOKENIZER,
+    TrainCheckpointer,
+    checkpoint_meta,
+    restore_weights,
+)
+from ettin_jax.training.mesh import batch_sharding, make_mesh
+from ettin_jax.training.metrics import MetricsLog
+from ettin_jax.training.optimizer import make_optimizer
+from ettin_jax.training.schedules import learning_rate_schedule
+from ettin_jax.training.state import abstract_state, init_state, model_graph
+from ettin_jax.training.step import make_train_step
+
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberResult:
+    """How a member's run ended: steps done, real tokens seen, last loss, whether it stopped
+    early (preemption or non-finite losses) and why."""
+
+    member: str
+    step: int
+    tokens: int
+    loss: float | None
+    stopped: str | None = None
+
+
+class _Preemption:
+    """Set by SIGTERM; the loop saves and stops at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> _Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, nothing to restore
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_pair(recipe: Recipe, run_dir: str | Path, *,
+               only: str | None = None) -> dict[str, MemberResult]:
+    """Trains the recipe's members (train.objectives, or `only` "encoder"/"decoder") into
+    RUN_DIR/<member>. Writes RUN_DIR/recipe.yaml; refuses a run dir holding another recipe."""
+    run_dir = Path(run_dir)
+    _claim_run_dir(run_dir, recipe)
+    members = [m for m, objective in MEMBERS.items() if objective in recipe.train.objectives]
+    if only is not None:
+        if only not in MEMBERS:
+            raise ConfigError(f"--only must be one of {', '.join(MEMBERS)}, got {only!r}")
+        members = [only]
+    tokenizer = load_data_tokenizer(recipe.data)
+    with _Preemption() as preemption:
+        return {member: train_member(recipe, MEMBERS[member], run_dir / member,
+                                     tokenizer=tokenizer, preemption=preemption)
+                for member in members}
+
+
+def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, tokenizer,
+                 preemption: _Preemption | None = None) -> MemberResult:
+    """Trains one member to train.steps, resuming from member_dir's latest checkpoint."""
+    train, data = recipe.train, recipe.data
+    if tokenizer.vocab_size > recipe.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size "
+                          f"is {recipe.model.vocab_size}")
+
+    # Mesh, optimizer, step function.
+    mesh = make_mesh(recipe.mesh)
+    rows = batch_sharding(mesh)
+    _check_batch(recipe, mesh)
+    optimizer = make_optimizer(recipe.optimizer)
+    microbatches = train.global_batch_size // (train.microbatch_size or train.global_batch_size)
+    step_fn = make_train_step(model_graph(recipe.model, objective), optimizer, seed=train.seed,
+                              microbatches=microbatches)
+
+    # State: resume, start from other weights, or initialise.
+    checkpoints = TrainCheckpointer(member_dir, recipe.checkpoint)
+    state, shardings = init_state(recipe.model, objective, optimizer, mesh, seed=train.seed,
+                                  params=_initial_params(recipe, objective))
+    jitted = jax.jit(step_fn, in_shardings=(shardings, rows, None),
+                     out_shardings=(shardings, None), donate_argnums=0)
+    tokens, data_state = 0, None
+    resume_step = checkpoints.latest_step()
+    if resume_step is not None:
+        target = abstract_state(shardings, recipe.model, objective, optimizer)
+        state, progress, _ = checkpoints.restore(resume_step, target)
+        tokens, data_state = progress["tokens"], progress["data"]
+
+    # Data: the same rows for both members; this process builds its own rows only.
+    batches = make_batch_iterator(
+        data, seq_len=train.seq_len, global_batch_size=train.global_batch_size, seed=train.seed,
+        objective=objective, tokenizer=tokenizer, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    if data_state is not None:
+        batches.set_state(data_state)
+    if jax.process_index() == 0 and not (member_dir / TOKENIZER).is_dir():
+        tokenizer.save(member_dir / TOKENIZER)
+
+    schedule = learning_rate_schedule(
+        recipe.schedule, peak=recipe.optimizer.learning_rate,
+        total_tokens=train.steps * train.global_batch_size * train.seq_len)
+    flops_per_token = training_flops_per_token(recipe.model, objective, seq_len=train.seq_len,
+                                               mlm_mask_ratio=data.mlm_mask_ratio)["total"]
+    meta = checkpoint_meta(recipe.model, objective, tokenizer.special_tokens)
+    recipe_dict = recipe_to_dict(recipe)
+    step = int(state.step)
+    log = MetricsLog(member_dir, resume_step=step, total_steps=train.steps,
+                     desc=member_dir.name, enabled=jax.process_index() == 0)
+
+    def load_batch():
+        """The next global batch, and the data state just after it (what a checkpoint of the
+        step that consumes it must store)."""
+        local = next(batches)
+        return ({k: jax.make_array_from_process_local_data(rows, v) for k, v in local.items()},
+                batches.get_state())
+
+    stopped, loss = None, None
+    last_time = time.perf_counter()
+    upcoming = load_batch() if step < train.steps else None
+    try:
+        while step < train.steps:
+            batch, data_state = upcoming
+            state, metrics = jitted(state, batch, float(schedule(tokens)))
+            step += 1
+            # Build the next batch while the device computes this step.
+            upcoming = load_batch() if step < train.steps else None
+            metrics = jax.device_get(metrics)
+            real = int(metrics["real_tokens"])
+            tokens += real
+            loss = float(metrics["loss"])
+            now = time.perf_counter()
+            if step % recipe.logging.every_steps == 0 or step == train.steps:
+                seconds = now - last_time
+                log.log({"step": step, "loss": loss, "accuracy": float(metrics["accuracy"]),
+                         "learning_rate": float(metrics["learning_rate"]),
+                         "grad_norm": float(metrics["grad_norm"]), "tokens": tokens,
+                         "tokens_per_s": real / seconds, "step_time_s": seconds,
+                         "flops_per_s": flops_per_token * real / seconds,
+                         "skipped": int(metrics["skipped"])})
+            last_time = now
+            log.advance()
+            if int(metrics["nonfinite_streak"]) >= train.max_nonfinite_steps:
+                stopped = (f"stopped at step {step}: {train.max_nonfinite_steps} updates in a "
+                           f"row had a non-finite loss or gradient (skipped)")
+            elif preemption is not None and preemption.requested:
+                stopped = f"preempted (SIGTERM) at step {step}"
+            if step % recipe.checkpoint.every_steps == 0 or step == train.steps or stopped:
+                checkpoints.save(step, state, meta=meta, recipe=recipe_dict,
+                                 progress={"tokens": tokens, "data": data_state})
+            if stopped:
+                break
+    finally:
+        checkpoints.close()
+        log.close()
+    return MemberResult(member_dir.name, step, tokens, loss, stopped)
+
+
+def _initial_params(recipe: Recipe, objective: Objective):
+    """Weights of checkpoint.init_from (weights-only restore), or None for a fresh init."""
+    if recipe.checkpoint.init_from is None:
+        return None
+    restored = restore_weights(recipe.checkpoint.init_from)
+    source = restored.model.config
+    if dataclasses.replace(source, preset=None) != dataclasses.replace(recipe.model, preset=None):
+        raise CheckpointError(f"checkpoint.init_from {recipe.checkpoint.init_from} holds another "
+                              f"architecture than model.* of the recipe")
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(restored.model))
+
+
+def _check_batch(recipe: Recipe, mesh) -> None:
+    train = recipe.train
+    shards = mesh.size
+    micro = train.microbatch_size or train.global_batch_size
+    if micro % shards:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} with "
+                          f"train.microbatch_size={train.microbatch_size}: each microbatch of "
+                          f"{micro} rows must split over the {shards} devices of the mesh "
+                          f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+    if train.global_batch_size % jax.process_count():
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible "
+                          f"by the {jax.process_count()} processes")
+
+
+def _claim_run_dir(run_dir: Path, recipe: Recipe) -> None:
+    """Writes RUN_DIR/recipe.yaml, or checks that the one there is this recipe."""
+    path = run_dir / RECIPE_FILE
+    if path.is_file():
+        existing = load_recipe(path)
+        if existing != recipe:
+            raise ConfigError(f"{run_dir} holds a run of another recipe ({path}); use another "
+                              f"--run-dir or the same recipe to resume")
+        return
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(recipe_to_yaml(recipe))
+
+

@@ -181,3 +181,83 @@ def test_kill_9_and_sigterm_then_resume_is_bit_identical(tokenizer_dir, tmp_path
     subprocess.run(_train_command(run, tokenizer_dir), env=env, check=True, capture_output=True)
     resumed = {r["step"]: r["loss"] for r in read_metrics(run / "encoder")}
     assert resumed == expected  # every step once, each loss bit-identical
+
+
+def _read_events(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of TensorBoard event files (TFRecord framing, Event protos), read by hand."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for file in directory.glob("events.out.tfevents.*"):
+        data = file.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_run_writes_metrics_events_eval_and_restores_on_other_meshes(tmp_path):
+    from ettin_jax.training.checkpoint import TrainCheckpointer
+    from ettin_jax.training.state import abstract_state
+
+    recipe = load_recipe(TINY, SMALL + [
+        "train.steps=4", "checkpoint.every_steps=2", "logging.tensorboard=true",
+        "logging.eval_every_steps=2", "logging.eval_batches=1", "mesh.data=2", "mesh.fsdp=4",
+        "train.objectives=[clm]"])
+    from ettin_jax.training.trainer import train_member
+
+    result = train_member(recipe, "clm", tmp_path / "decoder", tokenizer=ByteTokenizer())
+    assert (result.step, result.stopped) == (4, None)
+    records = read_metrics(tmp_path / "decoder")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(0 < r["eval_perplexity"] < 1e4 for r in records if r["step"] % 2 == 0)
+    events = _read_events(tmp_path / "decoder" / "events")
+    assert [step for step, _ in events["loss"]] == [1, 2, 3, 4]
+    assert events["loss"][-1][1] == pytest.approx(records[-1]["loss"])
+
+    # The (2, 4) checkpoint restores onto other meshes with identical values.
+    optimizer = make_optimizer(recipe.optimizer)
+    checkpoints = TrainCheckpointer(tmp_path / "decoder", recipe.checkpoint)
+    restored = {}
+    for name, mesh in {"(8,1)": make_mesh(MeshConfig(8, 1)),
+                       "1 device": make_mesh(MeshConfig(1, 1), jax.devices()[:1])}.items():
+        _, shardings = init_state(recipe.model, "clm", optimizer, mesh, seed=0)
+        target = abstract_state(shardings, recipe.model, "clm", optimizer)
+        state, progress, saved_recipe = checkpoints.restore(4, target)
+        restored[name] = jax.tree.map(np.asarray, state.params)
+        assert int(state.step) == 4 and progress["tokens"] == records[-1]["tokens"]
+        assert saved_recipe["train"]["steps"] == 4
+    checkpoints.close()
+    for a, b in zip(jax.tree.leaves(restored["(8,1)"]), jax.tree.leaves(restored["1 device"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weights_only_start_from_the_other_member(tmp_path):
+    from flax import nnx
+
+    from ettin_jax.models import EttinModel
+    from ettin_jax.training.checkpoint import save_weights
+    from ettin_jax.training.trainer import _initial_params
+
+    recipe = load_recipe(TINY, SMALL)
+    encoder = EttinModel(recipe.model, "mlm", rngs=nnx.Rngs(5))
+    save_weights(tmp_path / "encoder", encoder, special_tokens=ByteTokenizer().special_tokens)
+    cross = load_recipe(TINY, SMALL + [f"checkpoint.init_from={tmp_path / 'encoder'}"])
+    params = _initial_params(cross, "clm")
+    mesh = make_mesh(MeshConfig(1, 1), jax.devices()[:1])
+    state, _ = init_state(cross.model, "clm", make_optimizer(cross.optimizer), mesh, seed=0,
+                          params=params)
+    expected = nnx.to_pure_dict(nnx.state(encoder))
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(state.step) == 0  # a fresh optimizer
+    other = load_recipe(TINY, SMALL + ["model.num_layers=3",
+                                       f"checkpoint.init_from={tmp_path / 'encoder'}"])
+    with pytest.raises(Exception, match="another architecture"):
+        _initial_params(other, "clm")

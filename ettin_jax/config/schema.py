@@ -140,13 +140,20 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-    """Metrics: log every `every_steps` steps; also write TensorBoard events when `tensorboard`."""
+    """Metrics: log every `every_steps` steps (metrics.jsonl, and TensorBoard events when
+    `tensorboard`); evaluate on `eval_batches` held-out batches every `eval_every_steps` steps
+    (0: never)."""
 
     every_steps: int = 10
     tensorboard: bool = True
+    eval_every_steps: int = 0
+    eval_batches: int = 4
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, f"every_steps must be >= 1, got {self.every_steps}")
+        _require(self.eval_every_steps >= 0,
+                 f"eval_every_steps must be >= 0, got {self.eval_every_steps}")
+        _require(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
 
 
 @dataclasses.dataclass(frozen=True)

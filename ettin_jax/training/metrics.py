@@ -1,4 +1,5 @@
-"""Training metrics: one JSON object per logged step in metrics.jsonl, and a progress bar."""
+"""Training metrics: one JSON object per logged step in metrics.jsonl, TensorBoard event files
+(tensorboardX: no TensorFlow), a progress bar, and the MFU estimate."""
 
 from __future__ import annotations
 
@@ -20,13 +21,18 @@ class MetricsLog:
     """
 
     def __init__(self, member_dir: Path, *, resume_step: int, total_steps: int, desc: str,
-                 enabled: bool = True):
+                 enabled: bool = True, tensorboard: bool = True):
         self.path = member_dir / METRICS_FILE
         self.enabled = enabled
+        self._events = None
         if enabled:
             member_dir.mkdir(parents=True, exist_ok=True)
             kept = [line for line in _lines(self.path) if json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(kept))
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self._events = SummaryWriter(str(member_dir / "events"), purge_step=resume_step + 1)
         self._bar = tqdm(total=total_steps, initial=resume_step, desc=desc, unit="step",
                          disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
 
@@ -35,13 +41,21 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            if self._events is not None:
+                for name, value in record.items():
+                    if name != "step" and isinstance(value, (int, float)):
+                        self._events.add_scalar(name, value, record["step"])
+            if "loss" in record:
+                self._bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
     def advance(self, steps: int = 1) -> None:
         """Moves the progress bar."""
         self._bar.update(steps)
 
     def close(self) -> None:
+        """Flushes the event file and closes the progress bar."""
+        if self._events is not None:
+            self._events.close()
         self._bar.close()
 
 
@@ -54,3 +68,18 @@ def _lines(path: Path) -> list[str]:
 def read_metrics(member_dir: Path) -> list[dict[str, Any]]:
     """The records of MEMBER_DIR/metrics.jsonl."""
     return [json.loads(line) for line in _lines(member_dir / METRICS_FILE)]
+
+
+# Dense bf16 peak FLOP/s per chip, by a substring of jax's device_kind.
+PEAK_FLOPS = {
+    "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
+    "TPU v6": 918e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The device's dense bf16 peak FLOP/s, or None when unknown (CPU)."""
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in device_kind.lower():
+            return peak
+    return None

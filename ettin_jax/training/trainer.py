@@ -10,6 +10,7 @@ SIGTERM (preemption) stops at the next step boundary after saving.
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import time
 from pathlib import Path
@@ -29,11 +30,11 @@ from ettin_jax.training.checkpoint import (
     restore_weights,
 )
 from ettin_jax.training.mesh import batch_sharding, make_mesh
-from ettin_jax.training.metrics import MetricsLog
+from ettin_jax.training.metrics import MetricsLog, peak_flops
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.schedules import learning_rate_schedule
 from ettin_jax.training.state import abstract_state, init_state, model_graph
-from ettin_jax.training.step import make_train_step
+from ettin_jax.training.step import make_eval_step, make_train_step
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -138,7 +139,10 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
     recipe_dict = recipe_to_dict(recipe)
     step = int(state.step)
     log = MetricsLog(member_dir, resume_step=step, total_steps=train.steps,
-                     desc=member_dir.name, enabled=jax.process_index() == 0)
+                     desc=member_dir.name, enabled=jax.process_index() == 0,
+                     tensorboard=recipe.logging.tensorboard)
+    peak = peak_flops(jax.devices()[0].device_kind)
+    evaluate = _make_evaluator(recipe, objective, tokenizer, mesh, shardings.params)
 
     def load_batch():
         """The next global batch, and the data state just after it (what a checkpoint of the
@@ -162,14 +166,21 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
             tokens += real
             loss = float(metrics["loss"])
             now = time.perf_counter()
-            if step % recipe.logging.every_steps == 0 or step == train.steps:
+            every_eval = recipe.logging.eval_every_steps
+            due_eval = bool(every_eval) and (step % every_eval == 0 or step == train.steps)
+            if step % recipe.logging.every_steps == 0 or step == train.steps or due_eval:
                 seconds = now - last_time
-                log.log({"step": step, "loss": loss, "accuracy": float(metrics["accuracy"]),
-                         "learning_rate": float(metrics["learning_rate"]),
-                         "grad_norm": float(metrics["grad_norm"]), "tokens": tokens,
-                         "tokens_per_s": real / seconds, "step_time_s": seconds,
-                         "flops_per_s": flops_per_token * real / seconds,
-                         "skipped": int(metrics["skipped"])})
+                record = {"step": step, "loss": loss, "accuracy": float(metrics["accuracy"]),
+                          "learning_rate": float(metrics["learning_rate"]),
+                          "grad_norm": float(metrics["grad_norm"]), "tokens": tokens,
+                          "tokens_per_s": real / seconds, "step_time_s": seconds,
+                          "flops_per_s": flops_per_token * real / seconds,
+                          "skipped": int(metrics["skipped"])}
+                if peak is not None:
+                    record["mfu"] = record["flops_per_s"] / (peak * mesh.size)
+                if due_eval:
+                    record.update(evaluate(state.params))
+                log.log(record)
             last_time = now
             log.advance()
             if int(metrics["nonfinite_streak"]) >= train.max_nonfinite_steps:
@@ -186,6 +197,33 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
         checkpoints.close()
         log.close()
     return MemberResult(member_dir.name, step, tokens, loss, stopped)
+
+
+def _make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params_sharding):
+    """evaluate(params) -> {eval_loss, eval_perplexity, eval_accuracy} on the same
+    logging.eval_batches held-out batches every time (built once; fixed masks)."""
+    if not recipe.logging.eval_every_steps:
+        return lambda params: {}
+    train = recipe.train
+    heldout = dataclasses.replace(recipe.data, sources=recipe.data.heldout)
+    batches = make_batch_iterator(
+        heldout, seq_len=train.seq_len, global_batch_size=train.global_batch_size,
+        seed=train.seed, objective=objective, tokenizer=tokenizer,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    rows = batch_sharding(mesh)
+    fixed = [{k: jax.make_array_from_process_local_data(rows, v) for k, v in next(batches).items()}
+             for _ in range(recipe.logging.eval_batches)]
+    step = jax.jit(make_eval_step(model_graph(recipe.model, objective)),
+                   in_shardings=(params_sharding, rows))
+
+    def evaluate(params) -> dict[str, float]:
+        sums = [jax.device_get(step(params, batch)) for batch in fixed]
+        targets = max(sum(float(s["targets"]) for s in sums), 1.0)
+        loss = sum(float(s["loss_sum"]) for s in sums) / targets
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
+                "eval_accuracy": sum(float(s["correct"]) for s in sums) / targets}
+
+    return evaluate
 
 
 def _initial_params(recipe: Recipe, objective: Objective):

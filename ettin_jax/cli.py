@@ -123,7 +123,8 @@ def _train(args: argparse.Namespace) -> int:
     from ettin_jax.training.trainer import train_pair
 
     initialize(coordinator=args.coordinator, num_processes=args.num_processes,
-               process_id=args.process_id, cpu_devices=args.cpu_devices)
+               process_id=args.process_id, cpu_devices=args.cpu_devices,
+               peer_timeout_s=args.peer_timeout)
     recipe = load_recipe(args.recipe, args.overrides)
     results = train_pair(recipe, args.run_dir, only=args.only)
     for result in results.values():
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multi-host: address of process 0 (TPU and SLURM need none)")
     train.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     train.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    train.add_argument("--peer-timeout", type=int, default=100, metavar="SECONDS",
+                       help="multi-host: stop with an error when a peer is silent this long")
     train.add_argument("--cpu-devices", type=int,
                        help="run on N fake CPU devices (tests and debugging)")
     train.set_defaults(run=_train)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 
-# How long a process waits for its peers before failing with an error instead of hanging.
+# How long a process waits for its peers at start-up before failing with an error.
 INITIALIZATION_TIMEOUT_S = 300
 
 
 def initialize(*, coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, cpu_devices: int | None = None) -> None:
+               process_id: int | None = None, cpu_devices: int | None = None,
+               peer_timeout_s: int = 100) -> None:
     """Prepares JAX for this process; call before any other JAX use.
 
     cpu_devices: run on that many fake CPU devices. coordinator / num_processes / process_id:
     explicit multi-host set-up (all three, or none: on TPU pods and under SLURM
-    `jax.distributed.initialize` finds them itself). Raises ValueError for a partial set.
+    `jax.distributed.initialize` finds them itself). A peer silent for `peer_timeout_s` is
+    declared dead and every process stops with an error instead of waiting forever. Raises
+    ValueError for a partial set.
     """
     import jax
 
@@ -27,6 +30,8 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
             raise ValueError("--coordinator, --num-processes and --process-id go together")
         jax.distributed.initialize(coordinator, num_processes=num_processes,
                                    process_id=process_id,
-                                   initialization_timeout=INITIALIZATION_TIMEOUT_S)
+                                   initialization_timeout=INITIALIZATION_TIMEOUT_S,
+                                   heartbeat_timeout_seconds=peer_timeout_s)
     elif "SLURM_JOB_ID" in os.environ or os.environ.get("TPU_WORKER_HOSTNAMES"):
-        jax.distributed.initialize(initialization_timeout=INITIALIZATION_TIMEOUT_S)
+        jax.distributed.initialize(initialization_timeout=INITIALIZATION_TIMEOUT_S,
+                                   heartbeat_timeout_seconds=peer_timeout_s)

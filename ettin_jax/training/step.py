@@ -65,8 +65,11 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
         if microbatches == 1:
             grads, sums = microbatch_grads(state.params, batch, rng)
         else:
+            # Microbatch m takes rows m, m + n, m + 2n, ...: with rows sharded in contiguous
+            # blocks, every microbatch stays spread over every device.
             split = jax.tree.map(
-                lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch)
+                lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
+                                    *x.shape[1:]).swapaxes(0, 1), batch)
 
             def accumulate(carry, inputs):
                 index, micro = inputs

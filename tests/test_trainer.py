@@ -261,3 +261,16 @@ def test_weights_only_start_from_the_other_member(tmp_path):
                                        f"checkpoint.init_from={tmp_path / 'encoder'}"])
     with pytest.raises(Exception, match="another architecture"):
         _initial_params(other, "clm")
+
+
+def test_resuming_another_model_shape_is_refused(tmp_path):
+    from ettin_jax.errors import CheckpointError
+    from ettin_jax.training.trainer import train_member
+
+    recipe = load_recipe(TINY, SMALL + ["train.steps=1", "mesh.data=1", "mesh.fsdp=8"])
+    train_member(recipe, "mlm", tmp_path / "encoder", tokenizer=ByteTokenizer())
+    wider = load_recipe(TINY, SMALL + ["train.steps=2", "model.intermediate_size=256"])
+    with pytest.raises(CheckpointError, match=r"intermediate_size 192 \(recipe: 256\)"):
+        train_member(wider, "mlm", tmp_path / "encoder", tokenizer=ByteTokenizer())
+    with pytest.raises(CheckpointError, match="holds a mlm model, this run trains clm"):
+        train_member(recipe, "clm", tmp_path / "encoder", tokenizer=ByteTokenizer())

@@ -195,6 +195,23 @@ class TrainCheckpointer:
             meta=ocp.args.JsonSave(meta), progress=ocp.args.JsonSave(progress),
             recipe=ocp.args.JsonSave(recipe)), force=True)
 
+    def check_compatible(self, step: int, config: ModelConfig, objective: Objective) -> None:
+        """Raises CheckpointError naming the differing fields when step `step` holds another
+        architecture or objective than the run wants to resume with."""
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+        saved, saved_objective, _ = _read_meta(meta, self.member_dir / CHECKPOINTS / str(step))
+        where = self.member_dir / CHECKPOINTS / str(step)
+        if saved_objective != objective:
+            raise CheckpointError(f"{where} holds a {saved_objective} model, this run trains "
+                                  f"{objective}")
+        differ = [f"{f.name} {getattr(saved, f.name)!r} (recipe: {getattr(config, f.name)!r})"
+                  for f in dataclasses.fields(config)
+                  if f.name not in ("preset", "attention_impl", "dtype")
+                  and getattr(saved, f.name) != getattr(config, f.name)]
+        if differ:
+            raise CheckpointError(f"{where} holds another model shape: {', '.join(differ)}")
+
     def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict, dict]:
         """(state on `abstract`'s shardings, progress, recipe dict) of step `step`."""
         counters = {"opt_state": abstract.opt_state, "step": abstract.step,

@@ -116,6 +116,7 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
     tokens, data_state = 0, None
     resume_step = checkpoints.latest_step()
     if resume_step is not None:
+        checkpoints.check_compatible(resume_step, recipe.model, objective)
         target = abstract_state(shardings, recipe.model, objective, optimizer)
         state, progress, _ = checkpoints.restore(resume_step, target)
         tokens, data_state = progress["tokens"], progress["data"]

@@ -10,7 +10,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,tpu]'
 	touch $(STAMP)
 
 demo: install

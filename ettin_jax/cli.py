@@ -29,6 +29,12 @@ def _describe(args: argparse.Namespace) -> int:
     report = describe_pair(
         recipe.model, seq_len=recipe.train.seq_len, mlm_mask_ratio=recipe.data.mlm_mask_ratio
     )
+    if args.tpu_topology:
+        from ettin_jax.training.aot import tpu_memory_report
+
+        report["tpu"] = tpu_memory_report(recipe, args.tpu_topology)
+        if not args.json:
+            print(json.dumps(report["tpu"], indent=2))
     print(json.dumps(report, indent=2) if args.json else format_description(report))
     return 0
 
@@ -166,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_arguments(describe, "PRESET_OR_RECIPE",
                           f"a recipe file (.yaml/.gin) or a preset: {', '.join(PRESETS)}")
     describe.add_argument("--json", action="store_true", help="print one JSON object")
+    describe.add_argument("--tpu-topology", metavar="NAME",
+                          help="also AOT-compile the train step for this TPU topology (e.g. "
+                          "v5p:4x4x4; needs the tpu extra) and report per-chip memory")
     describe.set_defaults(run=_describe)
 
     recipe = commands.add_parser(

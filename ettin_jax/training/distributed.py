@@ -32,6 +32,14 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
                                    process_id=process_id,
                                    initialization_timeout=INITIALIZATION_TIMEOUT_S,
                                    heartbeat_timeout_seconds=peer_timeout_s)
-    elif "SLURM_JOB_ID" in os.environ or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    elif _in_a_cluster():
         jax.distributed.initialize(initialization_timeout=INITIALIZATION_TIMEOUT_S,
                                    heartbeat_timeout_seconds=peer_timeout_s)
+
+
+def _in_a_cluster() -> bool:
+    """Whether the environment describes several processes (SLURM, or a multi-host TPU)."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts and not any(ch.isspace() for ch in hosts)

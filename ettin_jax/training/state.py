@@ -74,14 +74,21 @@ def _new_state(config: ModelConfig, objective: Objective,
                       nonfinite_streak=zero)
 
 
+def init_state_shardings(config: ModelConfig, objective: Objective,
+                         optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """The shardings of a TrainState on `mesh` (nothing is allocated)."""
+    param_sharding = params_shardings(config, objective, mesh)
+    abstract = jax.eval_shape(lambda: _new_state(config, objective, optimizer, 0)).params
+    return state_shardings(optimizer, param_sharding, abstract, mesh)
+
+
 def init_state(config: ModelConfig, objective: Objective, optimizer: optax.GradientTransformation,
                mesh: Mesh, *, seed: int, params: Params | None = None) -> tuple[TrainState,
                                                                              TrainState]:
     """A fresh TrainState on `mesh` and its shardings. Parameters are initialised from `seed`
     directly into their shards, or taken from `params` (weights-only restore)."""
-    param_sharding = params_shardings(config, objective, mesh)
-    abstract = jax.eval_shape(lambda: _new_state(config, objective, optimizer, seed)).params
-    shardings = state_shardings(optimizer, param_sharding, abstract, mesh)
+    shardings = init_state_shardings(config, objective, optimizer, mesh)
+    param_sharding = shardings.params
     if params is None:
         state = jax.jit(lambda: _new_state(config, objective, optimizer, seed),
                         out_shardings=shardings)()

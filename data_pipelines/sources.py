@@ -41,11 +41,6 @@ class SourceStats:
     invalid_utf8_replaced: int = 0
     enormous_split: int = 0
 
-    def merge(self, other: SourceStats) -> None:
-        """Adds `other`'s counts to this one."""
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
-
     def as_dict(self) -> dict[str, int]:
         """The counts by name."""
         return dataclasses.asdict(self)
@@ -116,7 +111,7 @@ def _raw_texts(source: SourceConfig, kind: str, stats: SourceStats) -> Iterator[
         yield from _tfds_texts(source, stats)
     else:
         for file in source_files(source):
-            file_kind = kind if kind != "text" or source.kind == "text" else _kind_of(file)
+            file_kind = _kind_of(file) if source.kind == "auto" else kind
             if file_kind == "jsonl":
                 yield from _jsonl_texts(file, source.field, stats)
             elif file_kind == "parquet":
@@ -262,11 +257,6 @@ def mixture(sources: Sequence[TokenDocuments], *, seed: int) -> grain.MapDataset
     if len(endless) == 1:
         return endless[0]
     return grain.MapDataset.mix(endless, weights=[s.source.weight for s in sources])
-
-
-def one_epoch(documents: TokenDocuments, *, seed: int) -> grain.MapDataset:
-    """Every document of one source exactly once, shuffled for `seed`."""
-    return documents.dataset.shuffle(seed=_source_seed(seed, 0))
 
 
 def _source_seed(seed: int, index: int) -> int:

@@ -12,13 +12,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import AxisType, Mesh
 
 from data_pipelines.objectives import mlm_capacity
 from ettin_jax.config import Recipe
 from ettin_jax.errors import ConfigError
-from ettin_jax.training.mesh import MESH_AXES, batch_sharding, make_mesh
+from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.state import abstract_state, init_state_shardings, model_graph
 from ettin_jax.training.step import make_train_step
@@ -43,7 +41,6 @@ def tpu_memory_report(recipe: Recipe, topology: str) -> dict[str, Any]:
     recipe's mesh (mesh.data x mesh.fsdp over the topology's chips) and microbatches."""
     devices = topology_devices(topology)
     mesh = make_mesh(recipe.mesh, devices)
-    mesh = Mesh(np.asarray(mesh.devices), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
     train = recipe.train
     microbatches = train.global_batch_size // (train.microbatch_size or train.global_batch_size)
     generation = topology.split(":")[0]

@@ -226,10 +226,6 @@ class TrainCheckpointer:
                            nonfinite_streak=train["nonfinite_streak"])
         return state, restored["progress"], restored["recipe"]
 
-    def wait(self) -> None:
-        """Blocks until background saves are complete."""
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""
         self._manager.wait_until_finished()

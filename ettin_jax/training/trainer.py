@@ -33,7 +33,12 @@ from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.metrics import MetricsLog, peak_flops
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.schedules import learning_rate_schedule
-from ettin_jax.training.state import abstract_state, init_state, model_graph
+from ettin_jax.training.state import (
+    abstract_state,
+    init_state,
+    init_state_shardings,
+    model_graph,
+)
 from ettin_jax.training.step import make_eval_step, make_train_step
 
 RECIPE_FILE = "recipe.yaml"
@@ -109,17 +114,19 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
 
     # State: resume, start from other weights, or initialise.
     checkpoints = TrainCheckpointer(member_dir, recipe.checkpoint)
-    state, shardings = init_state(recipe.model, objective, optimizer, mesh, seed=train.seed,
-                                  params=_initial_params(recipe, objective))
-    jitted = jax.jit(step_fn, in_shardings=(shardings, rows, None),
-                     out_shardings=(shardings, None), donate_argnums=0)
     tokens, data_state = 0, None
     resume_step = checkpoints.latest_step()
-    if resume_step is not None:
+    if resume_step is None:
+        state, shardings = init_state(recipe.model, objective, optimizer, mesh, seed=train.seed,
+                                      params=_initial_params(recipe, objective))
+    else:  # restored straight into its shards: no initialisation to throw away
         checkpoints.check_compatible(resume_step, recipe.model, objective)
+        shardings = init_state_shardings(recipe.model, objective, optimizer, mesh)
         target = abstract_state(shardings, recipe.model, objective, optimizer)
         state, progress, _ = checkpoints.restore(resume_step, target)
         tokens, data_state = progress["tokens"], progress["data"]
+    jitted = jax.jit(step_fn, in_shardings=(shardings, rows, None),
+                     out_shardings=(shardings, None), donate_argnums=0)
 
     # Data: the same rows for both members; this process builds its own rows only.
     batches = make_batch_iterator(

@@ -27,7 +27,7 @@ from ettin_jax.config.schema import MeshConfig
 from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.state import init_state, model_graph
-from ettin_jax.training.step import make_train_step
+from ettin_jax.training.step import sharded_train_step
 
 
 def _batch(vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -56,9 +56,7 @@ def ours(preset: str, batch: dict[str, np.ndarray], steps: int) -> float:
     mesh = make_mesh(MeshConfig(1, 1), jax.devices()[:1])
     optimizer = make_optimizer(recipe.optimizer)
     state, shardings = init_state(recipe.model, "mlm", optimizer, mesh, seed=0)
-    fn = jax.jit(make_train_step(model_graph(recipe.model, "mlm"), optimizer, seed=0),
-                 in_shardings=(shardings, batch_sharding(mesh), None),
-                 out_shardings=(shardings, None), donate_argnums=0)
+    fn = sharded_train_step(model_graph(recipe.model, "mlm"), optimizer, shardings, mesh, seed=0)
     placed = jax.device_put(batch, batch_sharding(mesh))
     holder = [state]
 

@@ -132,6 +132,9 @@ def test_defaults_and_presets():
     ("phases:\n  - {name: a, steps: 1}\n  - {name: a, steps: 2}\n", ["names must be unique"]),
     ("phases:\n  - {steps: 1}\n", ["phases.0", "missing required key(s): name"]),
     ("logging:\n  tensorboard: 1\n", ["logging.tensorboard", "expected bool"]),
+    ("train:\n  steps: null\n", ["steps and tokens are both null"]),
+    ("train:\n  batch_warmup_tokens: 100\n", ["batch_warmup_tokens=100 needs microbatch_size"]),
+    ("schedule:\n  start: 0.5\n  floor: 0.6\n", ["floor must be in [0, start=0.5], got 0.6"]),
 ])
 def test_bad_yaml_names_file_key_and_choices(tmp_path, text, expected):
     message = _error(_write(tmp_path, "r.yaml", text))
@@ -202,3 +205,29 @@ def test_data_sources_in_yaml_gin_and_overrides(tmp_path):
     assert load_recipe(yaml_path, ["data.sources.1.weight=2"]).data.sources[1].weight == 2.0
     message = _error(yaml_path, ["data.sources.0.kind=csv"])
     assert "data.sources.0.kind" in message and "jsonl" in message
+
+
+# Ettin's phase 1 (../shared/ettin_reference.md section 2): peak LR, weight decay, LR warmup and
+# batch-size warmup in billions of tokens.
+ETTIN_PHASE_1 = {"17m": (3e-3, 3e-4, 4, 125), "32m": (3e-3, 3e-4, 4, 100),
+                 "68m": (3e-3, 3e-4, 3, 75), "150m": (8e-4, 1e-5, 3, 50),
+                 "400m": (5e-4, 1e-5, 2, 10), "1b": (5e-4, 5e-5, 2, 3)}
+
+
+@pytest.mark.parametrize("size", ETTIN_PHASE_1)
+def test_ettin_phase_one_recipes_hold_the_papers_numbers(size):
+    recipe = load_recipe(RECIPES / f"ettin-{size}.yaml")
+    lr, wd, warmup, batch_warmup = ETTIN_PHASE_1[size]
+    assert recipe.model == dataclasses.replace(get_preset(f"ettin-{size}"), dtype="bfloat16")
+    assert (recipe.optimizer.name, recipe.optimizer.learning_rate, recipe.optimizer.weight_decay,
+            recipe.optimizer.b1, recipe.optimizer.b2, recipe.optimizer.eps) == \
+        ("stable_adamw", lr, wd, 0.9, 0.98, 1e-6)
+    train, schedule = recipe.train, recipe.schedule
+    assert (train.tokens, train.steps, train.global_batch_size, train.seq_len, train.seed) == \
+        (1_700_000_000_000, None, 4608, 1024, 21)
+    assert (train.batch_warmup_tokens, schedule.warmup_tokens) == (batch_warmup * 10**9,
+                                                                   warmup * 10**9)
+    assert (schedule.kind, schedule.decay_tokens, schedule.start) == ("warmup_stable_decay", 0, 1)
+    assert recipe.data.mlm_mask_ratio == 0.30
+    # Sized for 64 chips: whole microbatches that split over every chip.
+    assert train.microbatch_size % 64 == 0 and 4608 % train.microbatch_size == 0

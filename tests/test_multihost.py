@@ -4,6 +4,8 @@ peer stops the survivor with a clear error instead of a hang."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -35,10 +37,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command(run_dir, tokenizer_dir, steps, *extra):
+def _command(run_dir, tokenizer_dir, steps, overrides=(), options=()):
     return [sys.executable, "-m", "ettin_jax", "train", str(ROOT / "recipes" / "tiny.yaml"),
-            *COMMON, f"train.steps={steps}", f"data.tokenizer={tokenizer_dir}",
-            "--run-dir", str(run_dir), "--only", "encoder", *extra]
+            *COMMON, f"train.steps={steps}", f"data.tokenizer={tokenizer_dir}", *overrides,
+            "--run-dir", str(run_dir), "--only", "encoder", *options]
 
 
 def _env():
@@ -47,29 +49,66 @@ def _env():
     return env
 
 
-def _processes(run_dir, tokenizer_dir, steps, *, timeout=None):
+def _processes(run_dir, tokenizer_dir, steps, overrides=(), *, timeout=None):
     port = _free_port()
-    extra = ["--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    return [subprocess.Popen(_command(run_dir, tokenizer_dir, steps, *extra, "--process-id",
-                                      str(i), *(["--peer-timeout", str(timeout)] if timeout
-                                                else [])),
+    options = ["--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    if timeout:
+        options += ["--peer-timeout", str(timeout)]
+    return [subprocess.Popen(_command(run_dir, tokenizer_dir, steps, overrides,
+                                      [*options, "--process-id", str(i)]),
                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for i in range(2)]
 
 
-def test_two_processes_equal_one_process_with_eight_devices(tokenizer_dir, tmp_path):
-    subprocess.run(_command(tmp_path / "single", tokenizer_dir, 3, "--cpu-devices", "8"),
+# Batch-size warmup: 8, 16 then 32 rows, the middle batch cut across two pipeline batches.
+WARMUP = ["train.global_batch_size=32", "train.microbatch_size=8",
+          "train.batch_warmup_tokens=1000"]
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def single_process(tokenizer_dir, tmp_path_factory):
+    """Metrics of the run on one process with 8 devices: the reference."""
+    run_dir = tmp_path_factory.mktemp("single")
+    subprocess.run(_command(run_dir, tokenizer_dir, STEPS, WARMUP, ["--cpu-devices", "8"]),
                    env=_env(), check=True, capture_output=True)
-    processes = _processes(tmp_path / "multi", tokenizer_dir, 3)
+    return read_metrics(run_dir / "encoder")
+
+
+def _assert_same_run(records, reference):
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for a, b in zip(reference, records):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert (b["tokens"], b["batch_rows"]) == (a["tokens"], a["batch_rows"])
+
+
+def test_two_processes_equal_one_process_with_eight_devices(single_process, tokenizer_dir,
+                                                            tmp_path):
+    processes = _processes(tmp_path / "multi", tokenizer_dir, STEPS, WARMUP)
     for process in processes:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err.decode()[-2000:]
-    single = read_metrics(tmp_path / "single" / "encoder")
-    multi = read_metrics(tmp_path / "multi" / "encoder")  # written by process 0 only
-    assert [r["step"] for r in multi] == [1, 2, 3]
-    for a, b in zip(single, multi):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        assert b["tokens"] == a["tokens"]
+    assert len({r["batch_rows"] for r in single_process}) == 3
+    _assert_same_run(read_metrics(tmp_path / "multi" / "encoder"), single_process)  # process 0's
+
+
+def test_sigterm_to_one_process_stops_both_and_the_run_resumes_on_one(single_process,
+                                                                      tokenizer_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    processes = _processes(run_dir, tokenizer_dir, STEPS, WARMUP)
+    deadline = time.time() + 240
+    while not read_metrics(run_dir / "encoder") and time.time() < deadline:
+        assert all(p.poll() is None for p in processes)
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)  # preemption notice on one host only
+    outputs = [p.communicate(timeout=300) for p in processes]
+    stopped = [int(re.search(rb"preempted \(SIGTERM\) at step (\d+)", out).group(1))
+               for out, _ in outputs]
+    assert all(p.returncode == 0 for p in processes) and stopped[0] == stopped[1] < STEPS
+    # The same run goes on as one process with 8 devices: every process's rows were saved.
+    subprocess.run(_command(run_dir, tokenizer_dir, STEPS, WARMUP, ["--cpu-devices", "8"]),
+                   env=_env(), check=True, capture_output=True)
+    _assert_same_run(read_metrics(run_dir / "encoder"), single_process)
 
 
 def test_a_dead_peer_stops_the_survivor(tokenizer_dir, tmp_path):

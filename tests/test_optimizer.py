@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,7 +97,7 @@ def test_global_norm_clipping(rng):
 def test_warmup_stable_decay(decay):
     config = ScheduleConfig(kind="warmup_stable_decay", warmup_tokens=100, decay=decay,
                             decay_tokens=400, floor=0.02)
-    lr = learning_rate_schedule(config, peak=1.0, total_tokens=1000, start=1.0)
+    lr = learning_rate_schedule(config, peak=1.0, total_tokens=1000)
     assert float(lr(0)) == pytest.approx(1 / 100)
     assert float(lr(49)) == pytest.approx(0.5)
     assert float(lr(300)) == pytest.approx(1.0) == float(lr(600))
@@ -103,10 +105,13 @@ def test_warmup_stable_decay(decay):
     shape = np.sqrt(progress) if decay == "1-sqrt" else progress
     assert float(lr(700)) == pytest.approx(0.02 + 0.98 * (1 - shape), rel=1e-6)
     assert float(lr(1000)) == pytest.approx(0.02) == float(lr(5000))
-    restart = learning_rate_schedule(config, peak=2.0, total_tokens=1000, start=0.5)
+    # Ettin's decay phase: restart at 0.5 x peak, 1 - sqrt down to 0.02 x peak.
+    restart = learning_rate_schedule(dataclasses.replace(config, start=0.5), peak=2.0,
+                                     total_tokens=1000)
     assert float(restart(300)) == pytest.approx(1.0)
+    assert float(restart(700)) == pytest.approx(2.0 * (0.02 + 0.48 * (1 - shape)), rel=1e-6)
     assert float(restart(1000)) == pytest.approx(0.04)
-    constant = learning_rate_schedule(ScheduleConfig(kind="constant"), peak=3.0,
-                                      total_tokens=10, start=0.5)
+    constant = learning_rate_schedule(ScheduleConfig(kind="constant", start=0.5), peak=3.0,
+                                      total_tokens=10)
     assert float(constant(7)) == pytest.approx(1.5)
     assert isinstance(lr(jnp.asarray(5)), jax.Array)

@@ -22,8 +22,8 @@ from ettin_jax.errors import ConfigError
 from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.metrics import read_metrics
 from ettin_jax.training.optimizer import make_optimizer
-from ettin_jax.training.state import init_state, model_graph
-from ettin_jax.training.step import make_train_step
+from ettin_jax.training.state import abstract_state, init_state, init_state_shardings, model_graph
+from ettin_jax.training.step import make_train_step, sharded_train_step
 from ettin_jax.training.trainer import train_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +32,11 @@ SMALL = ["train.seq_len=64", "train.global_batch_size=8", "logging.every_steps=1
          "model.num_layers=2"]  # small programs: 8-device SPMD compiles dominate on 2 cores
 
 
-def _losses(recipe, objective, mesh, steps=5, microbatches=1):
+def _losses(recipe, objective, mesh, steps=5, microbatch_size=None):
     optimizer = make_optimizer(recipe.optimizer)
     state, shardings = init_state(recipe.model, objective, optimizer, mesh, seed=recipe.train.seed)
-    step = jax.jit(make_train_step(model_graph(recipe.model, objective), optimizer,
-                                   seed=recipe.train.seed, microbatches=microbatches),
-                   in_shardings=(shardings, batch_sharding(mesh), None),
-                   out_shardings=(shardings, None), donate_argnums=0)
+    step = sharded_train_step(model_graph(recipe.model, objective), optimizer, shardings, mesh,
+                              seed=recipe.train.seed, microbatch_size=microbatch_size)
     batches = make_batch_iterator(recipe.data, seq_len=recipe.train.seq_len,
                                   global_batch_size=recipe.train.global_batch_size,
                                   seed=recipe.train.seed, objective=objective,
@@ -69,10 +67,22 @@ def test_gradient_accumulation_equals_the_full_batch():
     recipe = load_recipe(TINY, SMALL + ["model.attention_output_dropout=0.0"])
     mesh = make_mesh(MeshConfig(1, 1), jax.devices()[:1])
     full, full_state = _losses(recipe, "clm", mesh, steps=3)
-    accumulated, acc_state = _losses(recipe, "clm", mesh, steps=3, microbatches=4)
+    accumulated, acc_state = _losses(recipe, "clm", mesh, steps=3, microbatch_size=2)
     np.testing.assert_allclose(accumulated, full, rtol=1e-5)
     np.testing.assert_allclose(acc_state.params["head"]["dense"]["kernel"],
                                full_state.params["head"]["dense"]["kernel"], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_loss():
+    mesh = make_mesh(MeshConfig(1, 1), jax.devices()[:1])
+    full, _ = _losses(load_recipe(TINY, SMALL), "mlm", mesh, steps=3)
+    half, state = _losses(load_recipe(TINY, SMALL + ["model.dtype=bfloat16"]), "mlm", mesh,
+                          steps=3)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.opt_state)
+               if leaf.ndim)
+    np.testing.assert_allclose(half, full, rtol=2e-2)  # bf16 rounding, same training
+    assert not np.array_equal(half, full)  # the compute really ran in bf16
 
 
 def test_fsdp_shards_parameters_and_optimizer_state():
@@ -90,6 +100,27 @@ def test_fsdp_shards_parameters_and_optimizer_state():
     for n in (2, 4, 8):
         # Norm scales and the decoder bias stay replicated: a small share of the total.
         assert bytes_on_first_device(n) == pytest.approx(single / n, rel=0.10)
+
+
+def test_fsdp_gathers_weights_not_activations():
+    """Per-device temporaries of the compiled step under FSDP over 8 devices stay those of 8-way
+    data parallelism at the same rows per device (left alone, XLA gathers the whole batch's
+    activations onto every device instead of the weights: about twice the bytes here, the
+    device count times at pod scale)."""
+    recipe = load_recipe(TINY, ["model.num_layers=2", "train.seq_len=128"])
+    optimizer = make_optimizer(recipe.optimizer)
+
+    def temp_bytes(mesh):
+        shardings = init_state_shardings(recipe.model, "clm", optimizer, mesh)
+        state = abstract_state(shardings, recipe.model, "clm", optimizer)
+        batch = {key: jax.ShapeDtypeStruct((64, 128), np.int32, sharding=batch_sharding(mesh))
+                 for key in ("input_ids", "segment_ids", "positions", "labels")}
+        step = sharded_train_step(model_graph(recipe.model, "clm"), optimizer, shardings, mesh,
+                                  seed=0)
+        compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), np.float32)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(make_mesh(MeshConfig(1, 8))) < 1.15 * temp_bytes(make_mesh(MeshConfig(8, 1)))
 
 
 def test_non_finite_updates_are_skipped_and_counted():
@@ -140,8 +171,10 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def _train_command(run_dir, tokenizer_dir, *extra):
+    # Batch-size warmup from 2 to 8 rows: checkpoints fall in the middle of full batches too.
     return [sys.executable, "-m", "ettin_jax", "train", str(TINY), *SMALL, "train.steps=9",
-            "checkpoint.every_steps=3", f"data.tokenizer={tokenizer_dir}", *extra,
+            "checkpoint.every_steps=3", "train.microbatch_size=2",
+            "train.batch_warmup_tokens=1200", f"data.tokenizer={tokenizer_dir}", *extra,
             "--run-dir", str(run_dir), "--only", "encoder", "--cpu-devices", "2"]
 
 
@@ -161,8 +194,11 @@ def test_kill_9_and_sigterm_then_resume_is_bit_identical(tokenizer_dir, tmp_path
     reference = tmp_path / "reference"
     subprocess.run(_train_command(reference, tokenizer_dir), env=env, check=True,
                    capture_output=True)
-    expected = {r["step"]: r["loss"] for r in read_metrics(reference / "encoder")}
+    records = read_metrics(reference / "encoder")
+    expected = {r["step"]: r["loss"] for r in records}
     assert sorted(expected) == list(range(1, 10))
+    rows = [r["batch_rows"] for r in records]
+    assert rows == sorted(rows) and rows[0] == 2 and rows[-1] == 8 and len(set(rows)) >= 3
 
     run = tmp_path / "run"
     process = subprocess.Popen(_train_command(run, tokenizer_dir), env=env,
@@ -261,6 +297,24 @@ def test_weights_only_start_from_the_other_member(tmp_path):
                                        f"checkpoint.init_from={tmp_path / 'encoder'}"])
     with pytest.raises(Exception, match="another architecture"):
         _initial_params(other, "clm")
+
+
+def test_a_token_budget_ends_the_run_and_spans_the_schedule(tmp_path):
+    from ettin_jax.training.trainer import train_member
+
+    budget, floor = 2000, 0.1
+    recipe = load_recipe(TINY, SMALL + [
+        "train.steps=null", f"train.tokens={budget}",
+        "schedule.warmup_tokens=0", "schedule.decay=linear", f"schedule.decay_tokens={budget}",
+        f"schedule.floor={floor}"])
+    result = train_member(recipe, "clm", tmp_path / "decoder", tokenizer=ByteTokenizer())
+    records = read_metrics(tmp_path / "decoder")
+    assert result.tokens == records[-1]["tokens"] >= budget > records[-2]["tokens"]
+    peak = recipe.optimizer.learning_rate
+    seen = [0] + [r["tokens"] for r in records[:-1]]  # each step's rate is set by the tokens before it
+    for before, record in zip(seen, records):
+        assert record["learning_rate"] == pytest.approx(
+            peak * (floor + (1 - floor) * (1 - before / budget)), rel=1e-5)
 
 
 def test_resuming_another_model_shape_is_refused(tmp_path):

@@ -28,23 +28,40 @@ def _require(condition: bool, message: str) -> None:
 class TrainConfig:
     """The training run shared by both members.
 
-    steps: optimizer updates; global_batch_size: rows per update over all hosts; seq_len:
-    tokens per row; seed: the one seed of init, data order and masking (Ettin used 21);
-    objectives: which members of the pair to train; microbatch_size: rows per gradient
-    accumulation microbatch (None = no accumulation); max_nonfinite_steps: updates in a row
+    steps: optimizer updates; tokens: the budget in real (non-padding) tokens. The run ends at
+    whichever is reached first (the step that reaches `tokens` is the last); either may be
+    null, not both. The learning-rate schedule spans `tokens` when set, else steps x
+    global_batch_size x seq_len token slots (an upper bound of the real tokens).
+    global_batch_size: rows per update over all hosts; seq_len: tokens per row; seed: the one
+    seed of init, data order and masking (Ettin used 21); objectives: which members of the pair
+    to train; microbatch_size: rows per gradient accumulation microbatch (None = no
+    accumulation); batch_warmup_tokens: Ettin's batch-size warmup, the batch grows linearly in
+    real tokens seen from one microbatch to global_batch_size over this many tokens, in whole
+    microbatches (0 = off; needs microbatch_size); max_nonfinite_steps: updates in a row
     skipped for a non-finite loss or gradient before the run saves and stops.
     """
 
-    steps: int = 1000
+    steps: int | None = 1000
+    tokens: int | None = None
     global_batch_size: int = 8
     seq_len: int = 1024
     seed: int = 21
     objectives: tuple[Objective, ...] = OBJECTIVES
     microbatch_size: int | None = None
+    batch_warmup_tokens: int = 0
     max_nonfinite_steps: int = 8
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _require(self.steps is not None or self.tokens is not None,
+                 "steps and tokens are both null: set at least one to end the run")
+        _require(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _require(self.tokens is None or self.tokens >= 1,
+                 f"tokens must be >= 1 or null, got {self.tokens}")
+        _require(self.batch_warmup_tokens >= 0,
+                 f"batch_warmup_tokens must be >= 0, got {self.batch_warmup_tokens}")
+        _require(not self.batch_warmup_tokens or self.microbatch_size is not None,
+                 f"batch_warmup_tokens={self.batch_warmup_tokens} needs microbatch_size: the "
+                 f"batch grows by whole microbatches")
         _require(self.global_batch_size >= 1,
                  f"global_batch_size must be >= 1, got {self.global_batch_size}")
         _require(self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}")
@@ -88,8 +105,10 @@ class OptimizerConfig:
 class ScheduleConfig:
     """Learning-rate schedule, timed in real (non-pad) tokens.
 
-    warmup_stable_decay: linear warmup over warmup_tokens, constant, then `decay` ("1-sqrt"
-    or "linear") over the last decay_tokens down to floor x peak. constant: peak throughout.
+    warmup_stable_decay: linear warmup over warmup_tokens to start x peak, constant, then
+    `decay` ("1-sqrt" or "linear") over the last decay_tokens down to floor x peak.
+    constant: start x peak throughout. `start` < 1 restarts a new phase at a fraction of the
+    peak (Ettin's decay phase: 0.5, with floor 0.02).
     """
 
     kind: Literal["warmup_stable_decay", "constant"] = "warmup_stable_decay"
@@ -97,11 +116,14 @@ class ScheduleConfig:
     decay: Literal["1-sqrt", "linear"] = "1-sqrt"
     decay_tokens: int = 0
     floor: float = 0.0
+    start: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.warmup_tokens >= 0, f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
         _require(self.decay_tokens >= 0, f"decay_tokens must be >= 0, got {self.decay_tokens}")
-        _require(0.0 <= self.floor <= 1.0, f"floor must be in [0, 1], got {self.floor}")
+        _require(0.0 < self.start <= 1.0, f"start must be in (0, 1], got {self.start}")
+        _require(0.0 <= self.floor <= self.start,
+                 f"floor must be in [0, start={self.start}], got {self.floor}")
 
 
 @dataclasses.dataclass(frozen=True)

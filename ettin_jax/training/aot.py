@@ -19,7 +19,7 @@ from ettin_jax.errors import ConfigError
 from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.state import abstract_state, init_state_shardings, model_graph
-from ettin_jax.training.step import make_train_step
+from ettin_jax.training.step import sharded_train_step
 
 # Per-chip HBM of TPU generations (bytes), for the "fits" verdict.
 HBM_BYTES = {"v5p": 95 * 2**30, "v5e": 16 * 2**30, "v4": 32 * 2**30, "v6e": 32 * 2**30}
@@ -42,7 +42,6 @@ def tpu_memory_report(recipe: Recipe, topology: str) -> dict[str, Any]:
     devices = topology_devices(topology)
     mesh = make_mesh(recipe.mesh, devices)
     train = recipe.train
-    microbatches = train.global_batch_size // (train.microbatch_size or train.global_batch_size)
     generation = topology.split(":")[0]
     report: dict[str, Any] = {"topology": topology, "chips": len(devices),
                               "mesh": dict(mesh.shape), "hbm_bytes": HBM_BYTES.get(generation)}
@@ -59,10 +58,8 @@ def tpu_memory_report(recipe: Recipe, topology: str) -> dict[str, Any]:
                                                               recipe.data.mlm_mask_ratio))
             batch["masked_positions"] = jax.ShapeDtypeStruct(capacity, jnp.int32, sharding=rows)
             batch["masked_valid"] = jax.ShapeDtypeStruct(capacity, jnp.bool_, sharding=rows)
-        step = jax.jit(make_train_step(model_graph(recipe.model, objective), optimizer,
-                                       seed=0, microbatches=microbatches),
-                       in_shardings=(shardings, rows, None), out_shardings=(shardings, None),
-                       donate_argnums=0)
+        step = sharded_train_step(model_graph(recipe.model, objective), optimizer, shardings,
+                                  mesh, seed=0, microbatch_size=train.microbatch_size)
         try:
             compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
         except Exception as err:  # XLA reports out-of-memory as a compile error

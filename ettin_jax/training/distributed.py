@@ -1,8 +1,13 @@
-"""Process set-up before JAX starts: fake CPU devices, and multi-host initialisation."""
+"""Processes: set-up before JAX starts (fake CPU devices, multi-host initialisation), and the
+few host-side values the processes of a run must agree on."""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
+
+import numpy as np
 
 # How long a process waits for its peers at start-up before failing with an error.
 INITIALIZATION_TIMEOUT_S = 300
@@ -43,3 +48,47 @@ def _in_a_cluster() -> bool:
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return "," in hosts and not any(ch.isspace() for ch in hosts)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process. A collective: every process must call it at the
+    same point (one process alone sees a SIGTERM; all must stop at the same step)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def merged_across_processes(value: Any) -> Any:
+    """The union of every process's JSON-able `value`: mappings merged key by key, anything
+    else equal on every process (e.g. each process's data-iterator state of its own rows ->
+    the state of every row). A collective, like `any_process`. Raises ValueError naming the
+    key where two processes disagree."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.int64(encoded.size))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[:encoded.size] = encoded
+    gathered = multihost_utils.process_allgather(padded)
+    values = [json.loads(bytes(row[:n])) for row, n in zip(gathered, lengths)]
+    merged = values[0]
+    for other in values[1:]:
+        merged = _merge(merged, other, "")
+    return merged
+
+
+def _merge(a: Any, b: Any, key: str) -> Any:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _merge(a[k], b[k], f"{key}.{k}") if k in a and k in b else a.get(k, b.get(k))
+                for k in {**a, **b}}
+    if a != b:
+        raise ValueError(f"processes disagree on {key or 'the value'}: {a!r} vs {b!r}")
+    return a

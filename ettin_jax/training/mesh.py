@@ -2,8 +2,11 @@
 
 Mesh axes: `data` (replicas) and `fsdp` (parameter and optimizer-state shards); a `tensor` axis
 would be one more entry in MESH_AXES and RULES. The batch is split over both axes. Parameters are
-replicated over `data` and, under FSDP, split along their `embed` dimension (every weight matrix
-has one; norm scales and the decoder bias are small and stay replicated).
+replicated over `data` and, under FSDP, stored split along their `embed` dimension (every weight
+matrix has one; norm scales and the decoder bias are small and stay replicated). For compute,
+each weight is gathered whole (`compute_sharding`) and its gradient scattered back: left to
+itself, XLA's partitioner may instead gather the activations of the whole batch onto every
+device, which costs memory proportional to the device count.
 """
 
 from __future__ import annotations
@@ -68,6 +71,18 @@ def parameter_sharding(mesh: Mesh, logical: PartitionSpec, shape: Sequence[int],
             raise ConfigError(f"mesh: parameter {name} dimension {axis} is not divisible by "
                               f"{mesh_axis}={mesh.shape[mesh_axis]}")
     return NamedSharding(mesh, spec)
+
+
+def compute_sharding(storage: NamedSharding) -> NamedSharding:
+    """Where a parameter stored on `storage` lives while the model computes with it: its FSDP
+    shards gathered, any other mesh axis kept."""
+    def without_fsdp(entry):
+        if isinstance(entry, tuple):
+            kept = tuple(axis for axis in entry if axis != "fsdp")
+            return kept or None
+        return None if entry == "fsdp" else entry
+
+    return NamedSharding(storage.mesh, PartitionSpec(*map(without_fsdp, storage.spec)))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

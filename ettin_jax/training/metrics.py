@@ -17,11 +17,12 @@ class MetricsLog:
     """Appends records to MEMBER_DIR/metrics.jsonl (only where `enabled`, i.e. on process 0).
 
     On a resumed run, records past the restored step are dropped first, so the file never holds
-    a step twice.
+    a step twice. `progress` (total, done) sets the progress bar: steps, or tokens for a run
+    bounded by tokens only; `advance` moves it in the same unit.
     """
 
-    def __init__(self, member_dir: Path, *, resume_step: int, total_steps: int, desc: str,
-                 enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, member_dir: Path, *, resume_step: int, desc: str,
+                 progress: tuple[int, int], enabled: bool = True, tensorboard: bool = True):
         self.path = member_dir / METRICS_FILE
         self.enabled = enabled
         self._events = None
@@ -33,7 +34,8 @@ class MetricsLog:
                 from tensorboardX import SummaryWriter
 
                 self._events = SummaryWriter(str(member_dir / "events"), purge_step=resume_step + 1)
-        self._bar = tqdm(total=total_steps, initial=resume_step, desc=desc, unit="step",
+        total, done = progress
+        self._bar = tqdm(total=total, initial=done, desc=desc, unit_scale=True,
                          disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -48,9 +50,9 @@ class MetricsLog:
             if "loss" in record:
                 self._bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
-    def advance(self, steps: int = 1) -> None:
-        """Moves the progress bar."""
-        self._bar.update(steps)
+    def advance(self, amount: int = 1) -> None:
+        """Moves the progress bar by `amount` steps (or tokens)."""
+        self._bar.update(amount)
 
     def close(self) -> None:
         """Flushes the event file and closes the progress bar."""

@@ -4,6 +4,8 @@ Losses are computed in fp32 whatever the compute dtype. The MLM loss runs the he
 positions only (the batch's static `masked_positions` list); the CLM loss on every position with
 a target. Gradient accumulation scans over microbatches and sums per-token loss sums, so the
 update equals the full-batch one. A non-finite loss or gradient skips the update (counted).
+Under FSDP the parameters are gathered whole for compute and their gradients scattered back to
+the shards (see `ettin_jax.training.mesh`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
+from data_pipelines.microbatches import split_microbatches
 from data_pipelines.objectives import IGNORE
 from ettin_jax.models import EttinModel, gather_positions
+from ettin_jax.training.mesh import batch_sharding, compute_sharding
 from ettin_jax.training.optimizer import set_learning_rate
-from ettin_jax.training.state import TrainState
+from ettin_jax.training.state import Params, TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -45,41 +50,34 @@ def loss_sums(model: EttinModel, batch: Batch, *, deterministic: bool,
 
 
 def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
-                    seed: int, microbatches: int = 1) -> Callable:
+                    seed: int, microbatch_size: int | None = None,
+                    compute_shardings: Params | None = None) -> Callable:
     """train_step(state, batch, learning_rate) -> (state, metrics), ready for jax.jit.
 
-    Dropout keys come from (seed, step). metrics: loss (mean over targets), accuracy, targets,
-    grad_norm, learning_rate, real_tokens (non-padding tokens of the batch), finite (0/1),
-    skipped and nonfinite_streak (the state's counters after the step).
+    A batch of R rows runs as R / microbatch_size microbatches (the layout of
+    `data_pipelines.microbatches`; None: one), decided from its static shape, so batch-size
+    warmup feeds growing batches of whole microbatches to the same function. Parameters are
+    placed on `compute_shardings` (FSDP: gathered, `mesh.compute_sharding`) while the model
+    runs; None leaves placement to XLA. Dropout keys come from (seed, step, microbatch).
+    metrics: loss (mean over targets), accuracy, targets, grad_norm, learning_rate,
+    real_tokens (non-padding tokens of the batch), finite (0/1), skipped and nonfinite_streak
+    (the state's counters after the step).
     """
 
     def microbatch_grads(params, batch, rng):
         def loss_fn(p):
-            sums = loss_sums(nnx.merge(graph, p), batch, deterministic=False, dropout_rng=rng)
+            model = nnx.merge(graph, _place(p, compute_shardings))
+            sums = loss_sums(model, batch, deterministic=False, dropout_rng=rng)
             return sums["loss_sum"], sums
 
         return jax.grad(loss_fn, has_aux=True)(params)
 
     def train_step(state: TrainState, batch: Batch, learning_rate: jax.Array):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
-        if microbatches == 1:
-            grads, sums = microbatch_grads(state.params, batch, rng)
-        else:
-            # Microbatch m takes rows m, m + n, m + 2n, ...: with rows sharded in contiguous
-            # blocks, every microbatch stays spread over every device.
-            split = jax.tree.map(
-                lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
-                                    *x.shape[1:]).swapaxes(0, 1), batch)
-
-            def accumulate(carry, inputs):
-                index, micro = inputs
-                g, s = microbatch_grads(state.params, micro, jax.random.fold_in(rng, index))
-                return jax.tree.map(jnp.add, carry, (g, s)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                microbatch_grads, state.params, jax.tree.map(lambda x: x[0], split), rng))
-            (grads, sums), _ = jax.lax.scan(accumulate, zeros,
-                                            (jnp.arange(microbatches), split))
+        grads, sums = _accumulate(
+            lambda micro, index: microbatch_grads(state.params, micro,
+                                                  jax.random.fold_in(rng, index)),
+            batch, microbatch_size)
         targets = jnp.maximum(sums["targets"], 1.0)
         grads = jax.tree.map(lambda g: g / targets, grads)
         grad_norm = optax.tree.norm(grads)
@@ -109,10 +107,54 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
     return train_step
 
 
-def make_eval_step(graph: nnx.GraphDef) -> Callable:
-    """eval_step(params, batch) -> loss sums (no dropout), for held-out evaluation."""
+def make_eval_step(graph: nnx.GraphDef, *, microbatch_size: int | None = None,
+                   compute_shardings: Params | None = None) -> Callable:
+    """eval_step(params, batch) -> loss sums (no dropout), for held-out evaluation; microbatches
+    and parameter placement as in `make_train_step`."""
 
     def eval_step(params, batch: Batch) -> Metrics:
-        return loss_sums(nnx.merge(graph, params), batch, deterministic=True, dropout_rng=None)
+        model = nnx.merge(graph, _place(params, compute_shardings))
+        return _accumulate(
+            lambda micro, index: loss_sums(model, micro, deterministic=True, dropout_rng=None),
+            batch, microbatch_size)
 
     return eval_step
+
+
+def sharded_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                       shardings: TrainState, mesh: Mesh, *, seed: int,
+                       microbatch_size: int | None = None) -> Callable:
+    """`make_train_step` under jax.jit with explicit shardings: the state stays on `shardings`
+    and is donated, batch rows are split over every device, parameters are gathered from
+    their FSDP shards for compute. One compile per distinct batch shape."""
+    step = make_train_step(graph, optimizer, seed=seed, microbatch_size=microbatch_size,
+                           compute_shardings=jax.tree.map(compute_sharding, shardings.params))
+    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), None),
+                   out_shardings=(shardings, None), donate_argnums=0)
+
+
+def _place(params: Params, shardings: Params | None) -> Params:
+    return params if shardings is None else jax.lax.with_sharding_constraint(params, shardings)
+
+
+def _accumulate(run: Callable[[Batch, jax.Array], object], batch: Batch,
+                microbatch_size: int | None):
+    """Sum of run(microbatch, index) over the batch's microbatches (a scan; one call when
+    the batch is a single microbatch)."""
+    rows = batch["input_ids"].shape[0]
+    count = rows // microbatch_size if microbatch_size else 1
+    if microbatch_size and rows % microbatch_size:
+        raise ValueError(f"a batch of {rows} rows is not whole microbatches of "
+                         f"{microbatch_size} rows")
+    if count == 1:
+        return run(batch, jnp.zeros((), jnp.int32))
+    split = split_microbatches(batch, count)
+    first = jax.tree.map(lambda x: x[0], split)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(run, first, jnp.zeros((), jnp.int32)))
+
+    def add(carry, inputs):
+        index, micro = inputs
+        return jax.tree.map(jnp.add, carry, run(micro, index)), None
+
+    total, _ = jax.lax.scan(add, zeros, (jnp.arange(count), split))
+    return total

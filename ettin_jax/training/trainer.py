@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 
+from data_pipelines.microbatches import MicrobatchQueue
 from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
 from ettin_jax.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
 from ettin_jax.errors import CheckpointError, ConfigError
@@ -29,17 +30,22 @@ from ettin_jax.training.checkpoint import (
     checkpoint_meta,
     restore_weights,
 )
-from ettin_jax.training.mesh import batch_sharding, make_mesh
+from ettin_jax.training.distributed import any_process, merged_across_processes
+from ettin_jax.training.mesh import batch_sharding, compute_sharding, make_mesh
 from ettin_jax.training.metrics import MetricsLog, peak_flops
 from ettin_jax.training.optimizer import make_optimizer
-from ettin_jax.training.schedules import learning_rate_schedule
+from ettin_jax.training.schedules import (
+    batch_size_schedule,
+    learning_rate_schedule,
+    schedule_tokens,
+)
 from ettin_jax.training.state import (
     abstract_state,
     init_state,
     init_state_shardings,
     model_graph,
 )
-from ettin_jax.training.step import make_eval_step, make_train_step
+from ettin_jax.training.step import make_eval_step, sharded_train_step
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -89,28 +95,30 @@ def train_pair(recipe: Recipe, run_dir: str | Path, *,
             raise ConfigError(f"--only must be one of {', '.join(MEMBERS)}, got {only!r}")
         members = [only]
     tokenizer = load_data_tokenizer(recipe.data)
+    results = {}
     with _Preemption() as preemption:
-        return {member: train_member(recipe, MEMBERS[member], run_dir / member,
-                                     tokenizer=tokenizer, preemption=preemption)
-                for member in members}
+        for member in members:
+            results[member] = train_member(recipe, MEMBERS[member], run_dir / member,
+                                           tokenizer=tokenizer, preemption=preemption)
+            if results[member].stopped:  # preempted or diverged: the next member waits
+                break
+    return results
 
 
 def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, tokenizer,
                  preemption: _Preemption | None = None) -> MemberResult:
-    """Trains one member to train.steps, resuming from member_dir's latest checkpoint."""
+    """Trains one member until train.steps or train.tokens, resuming from member_dir's latest
+    complete checkpoint."""
     train, data = recipe.train, recipe.data
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size "
                           f"is {recipe.model.vocab_size}")
 
-    # Mesh, optimizer, step function.
+    # Mesh and optimizer.
     mesh = make_mesh(recipe.mesh)
     rows = batch_sharding(mesh)
     _check_batch(recipe, mesh)
     optimizer = make_optimizer(recipe.optimizer)
-    microbatches = train.global_batch_size // (train.microbatch_size or train.global_batch_size)
-    step_fn = make_train_step(model_graph(recipe.model, objective), optimizer, seed=train.seed,
-                              microbatches=microbatches)
 
     # State: resume, start from other weights, or initialise.
     checkpoints = TrainCheckpointer(member_dir, recipe.checkpoint)
@@ -125,63 +133,76 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
         target = abstract_state(shardings, recipe.model, objective, optimizer)
         state, progress, _ = checkpoints.restore(resume_step, target)
         tokens, data_state = progress["tokens"], progress["data"]
-    jitted = jax.jit(step_fn, in_shardings=(shardings, rows, None),
-                     out_shardings=(shardings, None), donate_argnums=0)
+    step_fn = sharded_train_step(model_graph(recipe.model, objective), optimizer, shardings, mesh,
+                                 seed=train.seed, microbatch_size=train.microbatch_size)
 
-    # Data: the same rows for both members; this process builds its own rows only.
+    # Data: the same rows for both members; this process builds its own rows only. The queue
+    # cuts full batches into the microbatches that batch-size warmup asks for.
     batches = make_batch_iterator(
         data, seq_len=train.seq_len, global_batch_size=train.global_batch_size, seed=train.seed,
         objective=objective, tokenizer=tokenizer, process_index=jax.process_index(),
         process_count=jax.process_count())
+    microbatch = train.microbatch_size or train.global_batch_size
+    queue = MicrobatchQueue(batches, train.global_batch_size // microbatch)
     if data_state is not None:
-        batches.set_state(data_state)
+        queue.set_state(data_state)
     if jax.process_index() == 0 and not (member_dir / TOKENIZER).is_dir():
         tokenizer.save(member_dir / TOKENIZER)
 
-    schedule = learning_rate_schedule(
-        recipe.schedule, peak=recipe.optimizer.learning_rate,
-        total_tokens=train.steps * train.global_batch_size * train.seq_len)
+    # Schedules, metrics, evaluation.
+    learning_rate = learning_rate_schedule(recipe.schedule, peak=recipe.optimizer.learning_rate,
+                                           total_tokens=schedule_tokens(train))
+    batch_rows = batch_size_schedule(train)
     flops_per_token = training_flops_per_token(recipe.model, objective, seq_len=train.seq_len,
                                                mlm_mask_ratio=data.mlm_mask_ratio)["total"]
     meta = checkpoint_meta(recipe.model, objective, tokenizer.special_tokens)
     recipe_dict = recipe_to_dict(recipe)
     step = int(state.step)
-    log = MetricsLog(member_dir, resume_step=step, total_steps=train.steps,
-                     desc=member_dir.name, enabled=jax.process_index() == 0,
-                     tensorboard=recipe.logging.tensorboard)
+    log = MetricsLog(member_dir, resume_step=step, desc=member_dir.name,
+                     progress=(train.steps, step) if train.steps else (train.tokens, tokens),
+                     enabled=jax.process_index() == 0, tensorboard=recipe.logging.tensorboard)
     peak = peak_flops(jax.devices()[0].device_kind)
     evaluate = _make_evaluator(recipe, objective, tokenizer, mesh, shardings.params)
 
-    def load_batch():
-        """The next global batch, and the data state just after it (what a checkpoint of the
-        step that consumes it must store)."""
-        local = next(batches)
+    def finished() -> bool:
+        return ((train.steps is not None and step >= train.steps)
+                or (train.tokens is not None and tokens >= train.tokens))
+
+    def load_batch(global_rows: int):
+        """The next batch of `global_rows` rows, and the data state just after it (what a
+        checkpoint of the step that consumes it must store)."""
+        local = queue.take(global_rows // microbatch)
         return ({k: jax.make_array_from_process_local_data(rows, v) for k, v in local.items()},
-                batches.get_state())
+                queue.get_state())
 
     stopped, loss = None, None
     last_time = time.perf_counter()
-    upcoming = load_batch() if step < train.steps else None
+    upcoming = None
     try:
-        while step < train.steps:
-            batch, data_state = upcoming
-            state, metrics = jitted(state, batch, float(schedule(tokens)))
+        while not finished():
+            size = batch_rows(tokens)
+            batch, data_state = upcoming if upcoming is not None else load_batch(size)
+            state, metrics = step_fn(state, batch, float(learning_rate(tokens)))
             step += 1
-            # Build the next batch while the device computes this step.
-            upcoming = load_batch() if step < train.steps else None
+            # Build the next batch while the device computes this step, when its size is
+            # already known: batches only grow, so a full batch is followed by full ones.
+            prefetch = size == train.global_batch_size and step != train.steps
+            upcoming = load_batch(size) if prefetch else None
             metrics = jax.device_get(metrics)
             real = int(metrics["real_tokens"])
             tokens += real
             loss = float(metrics["loss"])
             now = time.perf_counter()
+            last = finished()
             every_eval = recipe.logging.eval_every_steps
-            due_eval = bool(every_eval) and (step % every_eval == 0 or step == train.steps)
-            if step % recipe.logging.every_steps == 0 or step == train.steps or due_eval:
+            due_eval = bool(every_eval) and (step % every_eval == 0 or last)
+            if step % recipe.logging.every_steps == 0 or last or due_eval:
                 seconds = now - last_time
                 record = {"step": step, "loss": loss, "accuracy": float(metrics["accuracy"]),
                           "learning_rate": float(metrics["learning_rate"]),
                           "grad_norm": float(metrics["grad_norm"]), "tokens": tokens,
-                          "tokens_per_s": real / seconds, "step_time_s": seconds,
+                          "batch_rows": size, "tokens_per_s": real / seconds,
+                          "step_time_s": seconds,
                           "flops_per_s": flops_per_token * real / seconds,
                           "skipped": int(metrics["skipped"])}
                 if peak is not None:
@@ -190,15 +211,15 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
                     record.update(evaluate(state.params))
                 log.log(record)
             last_time = now
-            log.advance()
+            log.advance(1 if train.steps else real)
             if int(metrics["nonfinite_streak"]) >= train.max_nonfinite_steps:
                 stopped = (f"stopped at step {step}: {train.max_nonfinite_steps} updates in a "
                            f"row had a non-finite loss or gradient (skipped)")
-            elif preemption is not None and preemption.requested:
+            elif any_process(preemption is not None and preemption.requested):
                 stopped = f"preempted (SIGTERM) at step {step}"
-            if step % recipe.checkpoint.every_steps == 0 or step == train.steps or stopped:
-                checkpoints.save(step, state, meta=meta, recipe=recipe_dict,
-                                 progress={"tokens": tokens, "data": data_state})
+            if step % recipe.checkpoint.every_steps == 0 or last or stopped:
+                progress = {"tokens": tokens, "data": merged_across_processes(data_state)}
+                checkpoints.save(step, state, meta=meta, recipe=recipe_dict, progress=progress)
             if stopped:
                 break
     finally:
@@ -221,7 +242,10 @@ def _make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, param
     rows = batch_sharding(mesh)
     fixed = [{k: jax.make_array_from_process_local_data(rows, v) for k, v in next(batches).items()}
              for _ in range(recipe.logging.eval_batches)]
-    step = jax.jit(make_eval_step(model_graph(recipe.model, objective)),
+    step = jax.jit(make_eval_step(model_graph(recipe.model, objective),
+                                  microbatch_size=train.microbatch_size,
+                                  compute_shardings=jax.tree.map(compute_sharding,
+                                                                 params_sharding)),
                    in_shardings=(params_sharding, rows))
 
     def evaluate(params) -> dict[str, float]:

@@ -1,0 +1,61 @@
+"""Does every Ettin phase-1 recipe fit a TPU chip? AOT-compiles the real train step of both
+members for a TPU topology on this machine (libtpu, no TPU needed) and prints a Markdown table of
+per-chip memory from the compiled executables.
+
+    .venv/bin/python benchmarks/tpu_fit.py                       # recipes/ettin-*.yaml, v5p:4x4x4
+    .venv/bin/python benchmarks/tpu_fit.py --recipes recipes/ettin-1b.yaml --topology v5p:2x2x4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from ettin_jax.config import load_recipe  # noqa: E402
+from ettin_jax.training.aot import tpu_memory_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASE_1 = [ROOT / "recipes" / f"ettin-{size}.yaml"
+           for size in ("17m", "32m", "68m", "150m", "400m", "1b")]
+GIB = 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", type=Path, default=PHASE_1)
+    parser.add_argument("--topology", default="v5p:4x4x4")
+    args = parser.parse_args()
+    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPU cores; topology {args.topology}")
+    print()
+    print("| recipe | mesh (data x fsdp) | rows per chip per microbatch | member | per-chip GiB "
+          "(arguments + temporaries) | of HBM GiB | fits | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in args.recipes:
+        recipe = load_recipe(path)
+        start = time.perf_counter()
+        report = tpu_memory_report(recipe, args.topology)
+        seconds = (time.perf_counter() - start) / 2
+        mesh = f"{report['mesh']['data']} x {report['mesh']['fsdp']}"
+        per_chip = (recipe.train.microbatch_size or recipe.train.global_batch_size) \
+            // report["chips"]
+        for member in ("encoder", "decoder"):
+            entry = report[member]
+            if "error" in entry:
+                print(f"| {path.name} | {mesh} | {per_chip} | {member} | error: "
+                      f"{entry['error']} | | no | {seconds:.0f} |")
+                continue
+            print(f"| {path.name} | {mesh} | {per_chip} | {member} | "
+                  f"{entry['per_chip_bytes'] / GIB:.1f} ({entry['argument_bytes'] / GIB:.2f} + "
+                  f"{entry['temp_bytes'] / GIB:.1f}) | {report['hbm_bytes'] / GIB:.0f} | "
+                  f"{'yes' if entry['fits'] else 'NO'} | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -121,4 +121,6 @@ def test_a_dead_peer_stops_the_survivor(tokenizer_dir, tmp_path):
     start = time.time()
     _, err = survivor.communicate(timeout=120)  # bounded: no hang
     assert survivor.returncode != 0 and time.time() - start < 90
-    assert b"stopped sending heartbeats" in err
+    # JAX's coordination service reports the silent peer, unless the collective in flight at
+    # that moment (gloo, on CPU) fails first.
+    assert b"stopped sending heartbeats" in err or b"gloo" in err, err.decode()[-2000:]

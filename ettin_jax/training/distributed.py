@@ -50,23 +50,11 @@ def _in_a_cluster() -> bool:
     return "," in hosts and not any(ch.isspace() for ch in hosts)
 
 
-def any_process(flag: bool) -> bool:
-    """Whether `flag` is true on any process. A collective: every process must call it at the
-    same point (one process alone sees a SIGTERM; all must stop at the same step)."""
-    import jax
-
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
 def merged_across_processes(value: Any) -> Any:
     """The union of every process's JSON-able `value`: mappings merged key by key, anything
     else equal on every process (e.g. each process's data-iterator state of its own rows ->
-    the state of every row). A collective, like `any_process`. Raises ValueError naming the
-    key where two processes disagree."""
+    the state of every row). A collective: every process must call it at the same point.
+    Raises ValueError naming the key where two processes disagree."""
     import jax
 
     if jax.process_count() == 1:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 
 from data_pipelines.microbatches import MicrobatchQueue
 from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
@@ -30,7 +31,7 @@ from ettin_jax.training.checkpoint import (
     checkpoint_meta,
     restore_weights,
 )
-from ettin_jax.training.distributed import any_process, merged_across_processes
+from ettin_jax.training.distributed import merged_across_processes
 from ettin_jax.training.mesh import batch_sharding, compute_sharding, make_mesh
 from ettin_jax.training.metrics import MetricsLog, peak_flops
 from ettin_jax.training.optimizer import make_optimizer
@@ -63,20 +64,35 @@ class MemberResult:
 
 
 class _Preemption:
-    """Set by SIGTERM; the loop saves and stops at the next step boundary."""
+    """When to stop for a preemption notice (SIGTERM): at a step boundary, the same step on
+    every process.
+
+    One process: a SIGTERM handler sets a flag. Several (jax.distributed): JAX's preemption
+    service takes the signal on whichever host gets it and agrees on a step that all hosts
+    reach (`multihost_utils.reached_preemption_sync_point`); no Python handler is installed
+    then, as it would take the signal away from that service.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
+        self._requested = False
+        self._previous = None
 
     def __enter__(self) -> _Preemption:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, nothing to restore
-            self._previous = None
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: no handler, nothing to restore
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self._requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`. Call at every step, on every process."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._requested
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
@@ -215,7 +231,7 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
             if int(metrics["nonfinite_streak"]) >= train.max_nonfinite_steps:
                 stopped = (f"stopped at step {step}: {train.max_nonfinite_steps} updates in a "
                            f"row had a non-finite loss or gradient (skipped)")
-            elif any_process(preemption is not None and preemption.requested):
+            elif preemption is not None and preemption.reached(step):
                 stopped = f"preempted (SIGTERM) at step {step}"
             if step % recipe.checkpoint.every_steps == 0 or last or stopped:
                 progress = {"tokens": tokens, "data": merged_across_processes(data_state)}

@@ -87,8 +87,10 @@ def test_packed_documents_never_see_each_other(objective, rng):
     assert not _changed_positions(model, packed, 3, rng, segments) & set(range(17, 29))
 
 
-def test_padding_is_nan_free_and_zero_in_attention(rng):
-    model = randomized_model(small_config(), "clm", seed=int(rng.integers(1 << 30)))
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_padding_is_nan_free_and_zero_in_attention(rng, impl):
+    model = randomized_model(small_config(attention_impl=impl), "clm",
+                             seed=int(rng.integers(1 << 30)))
     ids = jnp.asarray(rng.integers(0, 1024, (2, 16)))
     segments = jnp.asarray([[1] * 10 + [0] * 6, [0] * 16])  # second row all padding
     hidden = run_hidden(model, ids, segments)
@@ -96,7 +98,7 @@ def test_padding_is_nan_free_and_zero_in_attention(rng):
     q = jnp.asarray(rng.normal(size=(2, 16, 2, 64)), jnp.float32)
     from ettin_jax.models.attention import dot_product_attention
 
-    out = dot_product_attention(q, q, q, segments, causal=True, window=None)
+    out = dot_product_attention(q, q, q, segments, causal=True, window=None, impl=impl)
     assert bool(jnp.all(out[0, 10:] == 0)) and bool(jnp.all(out[1] == 0))
     assert bool(jnp.all(jnp.isfinite(out)))
 
@@ -253,5 +255,24 @@ def test_unavailable_attention_implementations_fail_clearly(rng):
     ids = jnp.asarray(rng.integers(0, 1024, (1, 8)))
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         EttinModel(small_config(attention_impl="cudnn"), "mlm", rngs=nnx.Rngs(0))(ids)
-    with pytest.raises(ValueError, match="pallas_kernels.flash_attention"):
-        EttinModel(small_config(attention_impl="pallas"), "mlm", rngs=nnx.Rngs(0))(ids)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_pallas_attention_gives_the_xla_model(rng, objective):
+    """attention_impl="pallas" (flash-attention kernels, interpret mode on CPU) computes the
+    same network as the dense XLA attention: hidden states and parameter gradients."""
+    seed = int(rng.integers(1 << 30))
+    models = {impl: randomized_model(small_config(attention_impl=impl, local_attention=8),
+                                     objective, seed=seed) for impl in ("xla", "pallas")}
+    ids = jnp.asarray(rng.integers(0, 1024, (2, 29)))
+    segments = jnp.asarray([[1] * 12 + [2] * 13 + [0] * 4, [1] * 29])
+
+    def loss(model):
+        return jnp.sum(jnp.tanh(model(ids, segments)) * (segments[..., None] != 0))
+
+    results = {impl: nnx.value_and_grad(loss)(model) for impl, model in models.items()}
+    (xla_loss, xla_grads), (pallas_loss, pallas_grads) = results["xla"], results["pallas"]
+    np.testing.assert_allclose(pallas_loss, xla_loss, rtol=1e-5)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(xla_grads), nnx.to_flat_state(pallas_grads)):
+        a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+        np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max(), err_msg=str(path))

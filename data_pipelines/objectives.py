@@ -7,8 +7,6 @@ not depend on how many threads or processes built the batch.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from data_pipelines.special_tokens import SpecialTokens
@@ -23,11 +21,6 @@ def clm_labels(input_ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
     same_document = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] != 0)
     labels[:, :-1] = np.where(same_document, input_ids[:, 1:], IGNORE)
     return labels
-
-
-def mlm_capacity(seq_len: int, mask_ratio: float) -> int:
-    """Static number of masked positions per row that always suffices (see `mlm_inputs`)."""
-    return max(1, math.ceil(seq_len * mask_ratio))
 
 
 def mlm_inputs(
@@ -47,17 +40,14 @@ def mlm_inputs(
     (not padding, not a special token); of those 80% become [MASK], 10% a random non-special
     token, 10% stay. The randomness of row r at step s is drawn from (seed, s, rows[r]) alone.
 
-    Returns input_ids (masked), labels (original id where selected, IGNORE elsewhere), and the
-    sparse head's static list: masked_positions int32 [rows, capacity] (sorted, 0-padded) and
-    masked_valid bool [rows, capacity], capacity = `mlm_capacity(seq, mask_ratio)`.
+    Returns input_ids (masked) and labels (original id where selected, IGNORE elsewhere). The
+    sparse head finds the selected positions from the labels (`pallas_kernels.
+    pack_masked_tokens`).
     """
     specials = np.array(sorted({i for i in special.as_dict().values() if i is not None}))
     replacement_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int32), specials)
-    capacity = mlm_capacity(input_ids.shape[1], mask_ratio)
     masked = input_ids.astype(np.int32, copy=True)
     labels = np.full(input_ids.shape, IGNORE, np.int32)
-    positions = np.zeros((input_ids.shape[0], capacity), np.int32)
-    valid = np.zeros((input_ids.shape[0], capacity), bool)
     eligible_rows = (segment_ids != 0) & ~np.isin(input_ids, specials)
     for r in range(input_ids.shape[0]):
         rng = np.random.default_rng([seed, step, int(rows[r])])
@@ -70,7 +60,4 @@ def mlm_inputs(
         masked[r, to_mask] = special.mask
         masked[r, to_random] = replacement_ids[rng.integers(0, len(replacement_ids),
                                                             len(to_random))]
-        positions[r, :count] = chosen
-        valid[r, :count] = True
-    return {"input_ids": masked, "labels": labels, "masked_positions": positions,
-            "masked_valid": valid}
+    return {"input_ids": masked, "labels": labels}

@@ -61,8 +61,8 @@ class BatchSpec:
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
     """Endless batches (numpy, this process's rows) for one member; see the module docstring.
 
-    Each batch has input_ids, segment_ids, positions, labels [rows, seq] (int32) and, for MLM,
-    masked_positions / masked_valid [rows, capacity]. `step` counts batches returned.
+    Each batch has input_ids, segment_ids, positions, labels [rows, seq] (int32). `step` counts
+    batches returned.
     """
 
     def __init__(self, documents: grain.MapDataset, spec: BatchSpec, *, tokenizer,

@@ -137,7 +137,7 @@ def _train(args: argparse.Namespace) -> int:
         status = result.stopped or "done"
         print(f"{result.member}: step {result.step}, {result.tokens:,} tokens, loss "
               f"{result.loss if result.loss is None else round(result.loss, 4)} ({status})")
-    return 3 if any(r.stopped and "non-finite" in r.stopped for r in results.values()) else 0
+    return 3 if any(r.failed for r in results.values()) else 0
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, metavar: str = "RECIPE",

@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
@@ -111,7 +112,8 @@ def pack_masked_tokens(
     (at most 32 bits wide for impl="pallas").
 
     capacity: a static Python int >= 1 (see `capacity_for`). impl: "pallas" (default) or "xla".
-    interpret: run the Pallas kernel in interpret mode; None does so when JAX runs on CPU.
+    interpret: run the Pallas kernel in interpret mode; None does so when lowering for CPU.
+    The kernel body (Mosaic or Triton) follows the platform being lowered for.
     Returns `PackedTokens` (values in x's dtype).
     """
     capacity = _check_capacity(capacity)
@@ -190,13 +192,11 @@ def _check_capacity(capacity: int) -> int:
     return capacity
 
 
-def _resolve(impl: str | None, interpret: bool | None) -> tuple[str, bool]:
+def _resolve(impl: str | None, interpret: bool | None) -> tuple[str, bool | None]:
     impl = "pallas" if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    return impl, bool(interpret)
+    return impl, None if interpret is None else bool(interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -229,11 +229,25 @@ def _gather_rows(table: jax.Array, rows: jax.Array, impl: str, interpret: bool) 
     if table.dtype.itemsize > 4:
         raise ValueError(f"the Pallas kernel moves dtypes of at most 32 bits, got {table.dtype}; "
                          f"use impl='xla'")
-    if jax.default_backend() == "gpu":
-        return _gather_rows_gpu(table, rows, interpret=interpret)
-    # Mosaic cannot address a single row of a 16- or 8-bit tile (rows are packed in pairs or
-    # quads), so narrower values move as 32-bit ones; the round trip through float32 / int32 is
-    # exact, and XLA can fuse the converts into the neighbouring ops.
+
+    def branch(body, platform: str):
+        # interpret None: interpret mode exactly when lowering for CPU.
+        return functools.partial(body, interpret=platform == "cpu" if interpret is None
+                                 else interpret)
+
+    # The kernel body follows the platform being lowered for (so AOT compilation for a TPU
+    # from a CPU process gets the Mosaic kernel); the TPU body is the one interpreted on CPU.
+    return lax.platform_dependent(
+        table, rows, tpu=branch(_gather_rows_wide_tpu, "tpu"),
+        cuda=branch(_gather_rows_gpu, "cuda"), rocm=branch(_gather_rows_gpu, "rocm"),
+        default=branch(_gather_rows_wide_tpu, "cpu"))
+
+
+def _gather_rows_wide_tpu(table: jax.Array, rows: jax.Array, *, interpret) -> jax.Array:
+    """`_gather_rows_tpu` for any dtype of at most 32 bits. Mosaic cannot address a single row
+    of a 16- or 8-bit tile (rows are packed in pairs or quads), so narrower values move as
+    32-bit ones; the round trip through float32 / int32 is exact, and XLA can fuse the converts
+    into the neighbouring ops."""
     wide = table.dtype
     if wide.itemsize < 4:
         wide = jnp.float32 if jnp.issubdtype(wide, jnp.floating) else jnp.int32

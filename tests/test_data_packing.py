@@ -6,7 +6,7 @@ import grain
 import numpy as np
 import pytest
 
-from data_pipelines.objectives import IGNORE, clm_labels, mlm_capacity, mlm_inputs
+from data_pipelines.objectives import IGNORE, clm_labels, mlm_inputs
 from data_pipelines.packing import packed_rows, packing_efficiency
 from data_pipelines.special_tokens import PROJECT
 
@@ -93,12 +93,7 @@ def test_mlm_selects_only_real_tokens_with_80_10_10(rng):
     n = selected.sum()
     assert abs(masked.sum() / n - 0.8) < 0.03 and abs(replaced.sum() / n - 0.1) < 0.03
     assert np.all(out["input_ids"][selected][replaced] >= 5)  # random tokens are not special
-    # The sparse head's list holds exactly the selected positions, in order.
-    capacity = mlm_capacity(128, 0.3)
-    assert out["masked_positions"].shape == (64, capacity)
-    for r in range(64):
-        listed = out["masked_positions"][r][out["masked_valid"][r]]
-        np.testing.assert_array_equal(listed, np.flatnonzero(selected[r]))
+    assert sorted(out) == ["input_ids", "labels"]
 
 
 def test_mlm_randomness_is_a_function_of_seed_step_and_row(rng):

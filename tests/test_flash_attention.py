@@ -3,6 +3,7 @@ their block skipping, and their lowering for real hardware (Mosaic via libtpu, T
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels.flash_attention import (
     flash_attention,
@@ -158,14 +160,38 @@ def test_bad_arguments_are_named(rng):
         flash_attention(q, k, v, window=(-1, 3))
 
 
+def test_sharded_inputs_stay_sharded():
+    """Under a jit whose batch is split over 8 devices, each device runs the kernels on its own
+    rows: no all-gather, sharded gradients, the reference's values. (Without the custom
+    partitioning XLA gathers every input onto every device.)"""
+    rng = np.random.default_rng(7)
+    q, k, v = random_inputs(rng, 8, 40, 2, 64)
+    segments = jnp.asarray(np.repeat(np.arange(1, 5), 10)[None].repeat(8, 0))
+    rows = NamedSharding(Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"),
+                              axis_types=(AxisType.Auto,) * 2), PartitionSpec(("data", "fsdp")))
+
+    def loss(attention, q, k, v):
+        return jnp.sum(attention(q, k, v, causal=True, segment_ids=segments) ** 2)
+
+    step = jax.jit(jax.value_and_grad(functools.partial(loss, flash_attention), (0, 1, 2)),
+                   in_shardings=(rows, rows, rows))
+    assert "all-gather" not in step.lower(q, k, v).compile().as_text()
+    value, grads = step(q, k, v)
+    expected, expected_grads = jax.value_and_grad(
+        functools.partial(loss, reference_attention), (0, 1, 2))(q, k, v)
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
+    for grad, ref in zip(grads, expected_grads):
+        assert grad.sharding.spec == rows.spec and _relative_error(grad, ref) <= 1e-4
+
+
 def test_gpu_kernels_lower_through_triton():
-    """Lowering needs no GPU: Triton's constraints (power-of-two tiles, its op set) are checked
-    for the forward and both backward kernels at an Ettin shape."""
+    """Lowering for CUDA needs no GPU: the platform picks the Triton kernels, and Triton's
+    constraints (power-of-two tiles, its op set) hold for the forward and both backward
+    kernels at an Ettin shape."""
     args = [jax.ShapeDtypeStruct((1, 1000, 2, 64), jnp.bfloat16) for _ in range(3)]
     for causal, window in MASKS:
         def loss(q, k, v):
-            out = flash_attention(q, k, v, causal=causal, window=window, backend="gpu",
-                                  interpret=False)
+            out = flash_attention(q, k, v, causal=causal, window=window)
             return jnp.sum(out.astype(jnp.float32))
 
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
@@ -187,8 +213,7 @@ for seq, head_dim, dtype in [(1024, 64, jnp.bfloat16), (999, 128, jnp.float32)]:
     args.append(jax.ShapeDtypeStruct((2, seq), jnp.int32, sharding=on_tpu))
     for causal, window in [(False, None), (True, (63, 0)), (False, (64, 64))]:
         def loss(q, k, v, segments):
-            out = flash_attention(q, k, v, causal=causal, window=window, segment_ids=segments,
-                                  backend="tpu", interpret=False)
+            out = flash_attention(q, k, v, causal=causal, window=window, segment_ids=segments)
             return jnp.sum(out.astype(jnp.float32))
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower().compile().as_text()
         assert text.count("tpu_custom_call") >= 3, text
@@ -197,8 +222,8 @@ print("compiled")
 
 
 def test_tpu_kernels_compile_with_mosaic():
-    """The Mosaic kernels compile for a TPU topology on this machine (libtpu, no TPU), in a
-    subprocess so that libtpu stays out of the test process."""
+    """Compiling for a TPU topology on this machine (libtpu, no TPU) picks the Mosaic kernels,
+    which compile; in a subprocess so that libtpu stays out of the test process."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(_TPU_AOT)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)

@@ -210,12 +210,16 @@ def test_kernels_gather_rows_across_several_blocks(kernel, rng):
 
 
 def test_gpu_kernel_lowers_through_triton():
-    # Lowering needs no GPU: it checks what the Triton lowering accepts (power-of-two tiles...).
-    gather = jax.jit(functools.partial(masked_packing._gather_rows_gpu, interpret=False))
+    # Lowering needs no GPU: lowering for CUDA picks the Triton body, and this checks what the
+    # Triton lowering accepts (power-of-two tiles...), forward and backward.
+    def loss(x, mask):
+        return jnp.sum(pack_masked_tokens(x, mask, 999).values.astype(jnp.float32) ** 2)
+
     for dtype in (jnp.float32, jnp.bfloat16):
-        traced = gather.trace(jax.ShapeDtypeStruct((4096, 768), dtype),
-                              jax.ShapeDtypeStruct((999,), jnp.int32))
-        assert "triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+        traced = jax.jit(jax.grad(loss)).trace(jax.ShapeDtypeStruct((4, 1024, 768), dtype),
+                                               jax.ShapeDtypeStruct((4, 1024), jnp.bool_))
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("custom_call @__gpu$xla.gpu.triton") == 2  # pack, and its VJP
 
 
 _TPU_AOT = """
@@ -228,9 +232,8 @@ device = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1")
 on_tpu = SingleDeviceSharding(device)
 
 def loss(x, mask, scale):
-    packed = pack_masked_tokens(x, mask, 37, interpret=False)
-    y = unpack_masked_tokens(packed.values * scale, packed.indices, packed.valid, x.shape,
-                             interpret=False)
+    packed = pack_masked_tokens(x, mask, 37)  # lowering for TPU picks the Mosaic kernel
+    y = unpack_masked_tokens(packed.values * scale, packed.indices, packed.valid, x.shape)
     return jnp.sum((y * x).astype(jnp.float32))
 
 for dtype in (jnp.float32, jnp.bfloat16):

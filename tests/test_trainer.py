@@ -20,6 +20,7 @@ from ettin_jax.config import load_recipe
 from ettin_jax.config.schema import MeshConfig
 from ettin_jax.errors import ConfigError
 from ettin_jax.training.mesh import batch_sharding, make_mesh
+from ettin_jax.training.checkpoint import TrainCheckpointer
 from ettin_jax.training.metrics import read_metrics
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.state import abstract_state, init_state, init_state_shardings, model_graph
@@ -36,7 +37,9 @@ def _losses(recipe, objective, mesh, steps=5, microbatch_size=None):
     optimizer = make_optimizer(recipe.optimizer)
     state, shardings = init_state(recipe.model, objective, optimizer, mesh, seed=recipe.train.seed)
     step = sharded_train_step(model_graph(recipe.model, objective), optimizer, shardings, mesh,
-                              seed=recipe.train.seed, microbatch_size=microbatch_size)
+                              seed=recipe.train.seed, microbatch_size=microbatch_size,
+                              mlm_mask_ratio=recipe.data.mlm_mask_ratio if objective == "mlm"
+                              else None)
     batches = make_batch_iterator(recipe.data, seq_len=recipe.train.seq_len,
                                   global_batch_size=recipe.train.global_batch_size,
                                   seed=recipe.train.seed, objective=objective,
@@ -142,6 +145,34 @@ def test_non_finite_updates_are_skipped_and_counted():
                                   params["head"]["dense"]["kernel"])
 
 
+def test_mlm_packing_overflow_skips_the_update_and_stops_the_run(tmp_path, monkeypatch):
+    import ettin_jax.training.step as step_module
+    from ettin_jax.training.trainer import train_member
+
+    recipe = load_recipe(TINY, SMALL)
+    mesh = make_mesh(MeshConfig(1, 1), jax.devices()[:1])
+    optimizer = make_optimizer(recipe.optimizer)
+    state, shardings = init_state(recipe.model, "mlm", optimizer, mesh, seed=3)
+    batch = next(make_batch_iterator(recipe.data, seq_len=64, global_batch_size=8, seed=3,
+                                     objective="mlm", tokenizer=ByteTokenizer()))
+    masked = int(np.sum(batch["labels"] != -100))
+    # All masked tokens fit at ratio 0.3; at 0.05 they cannot.
+    for ratio, lost in [(0.3, 0), (0.05, masked - step_module.capacity_for(8, 64, 0.05))]:
+        step = sharded_train_step(model_graph(recipe.model, "mlm"), optimizer, shardings, mesh,
+                                  seed=3, mlm_mask_ratio=ratio)
+        before = np.asarray(state.params["head"]["dense"]["kernel"])
+        state, metrics = step(state, batch, 1e-3)
+        assert int(metrics["mlm_overflow"]) == lost > -1
+        changed = not np.array_equal(before, state.params["head"]["dense"]["kernel"])
+        assert changed == (lost == 0) and int(metrics["skipped"]) == (lost > 0)
+    # The run saves and stops with the reason; the CLI exits 3 on it.
+    monkeypatch.setattr(step_module, "capacity_for", lambda *args: 1)
+    result = train_member(recipe, "mlm", tmp_path / "encoder", tokenizer=ByteTokenizer())
+    assert result.failed and result.step == 1
+    assert "did not fit the MLM head's packing capacity" in result.stopped
+    assert TrainCheckpointer(tmp_path / "encoder", recipe.checkpoint).latest_step() == 1
+
+
 def test_bad_mesh_batch_and_run_dir(tmp_path):
     with pytest.raises(ConfigError, match=r"mesh.data=3 x mesh.fsdp=1 = 3 devices, but 8"):
         make_mesh(MeshConfig(3, 1))
@@ -239,7 +270,6 @@ def _read_events(directory: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_run_writes_metrics_events_eval_and_restores_on_other_meshes(tmp_path):
-    from ettin_jax.training.checkpoint import TrainCheckpointer
     from ettin_jax.training.state import abstract_state
 
     recipe = load_recipe(TINY, SMALL + [

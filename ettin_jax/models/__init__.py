@@ -4,7 +4,6 @@ from ettin_jax.models.config import OBJECTIVES, ModelConfig, Objective
 from ettin_jax.models.presets import PRESETS, get_preset
 from ettin_jax.models.transformer import (
     EttinModel,
-    gather_positions,
     model_from_params,
     named_params,
     with_objective,
@@ -16,7 +15,6 @@ __all__ = [
     "EttinModel",
     "ModelConfig",
     "Objective",
-    "gather_positions",
     "get_preset",
     "model_from_params",
     "named_params",

@@ -4,7 +4,7 @@
     decoder = EttinModel(config, "clm", rngs=nnx.Rngs(0))   # causal attention
     hidden = model(input_ids, segment_ids, positions)       # [B, S, H]
     logits = model.logits(hidden)                           # [B, S, V]
-    sparse = model.logits(gather_positions(hidden, masked_positions))   # MLM: [B, C, V]
+    sparse = model.logits(pack_masked_tokens(hidden, mask, capacity).values)   # MLM: [C, V]
 
 The objective changes only the attention mask (causal or not, and the local window that goes
 with it); parameters have the same names and shapes for both, so weights move between them
@@ -105,7 +105,8 @@ class EttinModel(nnx.Module):
         """Vocabulary logits [..., vocab] from hidden states [..., hidden] (any leading shape).
 
         head (dense -> GELU -> norm), then the tied embedding transpose plus the decoder bias.
-        Pass gathered rows (`gather_positions`) to run the head only where it is needed.
+        Pass packed rows (`pallas_kernels.pack_masked_tokens`) to run the head only where it is
+        needed.
         """
         transformed = self.head(hidden)
         return self.embeddings.tok_embeddings.attend(transformed) + self.decoder_bias[...].astype(
@@ -135,14 +136,6 @@ class EttinModel(nnx.Module):
                 raise ValueError(
                     f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
                 )
-
-
-def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
-    """Rows of hidden [B, S, H] at sequence indices positions [B, C]: returns [B, C, H].
-
-    Used by the sparse MLM head: only masked tokens reach the vocabulary projection.
-    """
-    return jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
 
 
 def named_params(model: EttinModel) -> dict[ParamPath, jax.Array]:

@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from data_pipelines.objectives import mlm_capacity
 from ettin_jax.config import Recipe
 from ettin_jax.errors import ConfigError
 from ettin_jax.training.mesh import batch_sharding, make_mesh
@@ -53,13 +52,10 @@ def tpu_memory_report(recipe: Recipe, topology: str) -> dict[str, Any]:
         shape = (train.global_batch_size, train.seq_len)
         batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
                  for k in ("input_ids", "segment_ids", "positions", "labels")}
-        if objective == "mlm":
-            capacity = (train.global_batch_size, mlm_capacity(train.seq_len,
-                                                              recipe.data.mlm_mask_ratio))
-            batch["masked_positions"] = jax.ShapeDtypeStruct(capacity, jnp.int32, sharding=rows)
-            batch["masked_valid"] = jax.ShapeDtypeStruct(capacity, jnp.bool_, sharding=rows)
+        mask_ratio = recipe.data.mlm_mask_ratio if objective == "mlm" else None
         step = sharded_train_step(model_graph(recipe.model, objective), optimizer, shardings,
-                                  mesh, seed=0, microbatch_size=train.microbatch_size)
+                                  mesh, seed=0, microbatch_size=train.microbatch_size,
+                                  mlm_mask_ratio=mask_ratio)
         try:
             compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
         except Exception as err:  # XLA reports out-of-memory as a compile error

@@ -46,21 +46,23 @@ from ettin_jax.training.state import (
     init_state_shardings,
     model_graph,
 )
-from ettin_jax.training.step import make_eval_step, sharded_train_step
+from ettin_jax.training.step import SparseHead, make_eval_step, sharded_train_step
 
 RECIPE_FILE = "recipe.yaml"
 
 
 @dataclasses.dataclass(frozen=True)
 class MemberResult:
-    """How a member's run ended: steps done, real tokens seen, last loss, whether it stopped
-    early (preemption or non-finite losses) and why."""
+    """How a member's run ended: steps done, real tokens seen, last loss, and when it stopped
+    early, why; `failed` when that was a training failure (non-finite updates, MLM packing
+    overflow) rather than a preemption."""
 
     member: str
     step: int
     tokens: int
     loss: float | None
     stopped: str | None = None
+    failed: bool = False
 
 
 class _Preemption:
@@ -149,8 +151,10 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
         target = abstract_state(shardings, recipe.model, objective, optimizer)
         state, progress, _ = checkpoints.restore(resume_step, target)
         tokens, data_state = progress["tokens"], progress["data"]
+    mask_ratio = data.mlm_mask_ratio if objective == "mlm" else None
     step_fn = sharded_train_step(model_graph(recipe.model, objective), optimizer, shardings, mesh,
-                                 seed=train.seed, microbatch_size=train.microbatch_size)
+                                 seed=train.seed, microbatch_size=train.microbatch_size,
+                                 mlm_mask_ratio=mask_ratio)
 
     # Data: the same rows for both members; this process builds its own rows only. The queue
     # cuts full batches into the microbatches that batch-size warmup asks for.
@@ -191,7 +195,7 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
         return ({k: jax.make_array_from_process_local_data(rows, v) for k, v in local.items()},
                 queue.get_state())
 
-    stopped, loss = None, None
+    stopped, failed, loss = None, False, None
     last_time = time.perf_counter()
     upcoming = None
     try:
@@ -228,9 +232,15 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
                 log.log(record)
             last_time = now
             log.advance(1 if train.steps else real)
-            if int(metrics["nonfinite_streak"]) >= train.max_nonfinite_steps:
-                stopped = (f"stopped at step {step}: {train.max_nonfinite_steps} updates in a "
-                           f"row had a non-finite loss or gradient (skipped)")
+            if metrics.get("mlm_overflow", 0) > 0:
+                stopped, failed = (f"stopped at step {step}: {int(metrics['mlm_overflow'])} "
+                                   f"masked tokens did not fit the MLM head's packing capacity "
+                                   f"for data.mlm_mask_ratio={data.mlm_mask_ratio} (update "
+                                   f"skipped); the data masks more tokens than its ratio"), True
+            elif int(metrics["nonfinite_streak"]) >= train.max_nonfinite_steps:
+                stopped, failed = (f"stopped at step {step}: {train.max_nonfinite_steps} "
+                                   f"updates in a row had a non-finite loss or gradient "
+                                   f"(skipped)"), True
             elif preemption is not None and preemption.reached(step):
                 stopped = f"preempted (SIGTERM) at step {step}"
             if step % recipe.checkpoint.every_steps == 0 or last or stopped:
@@ -241,7 +251,7 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
     finally:
         checkpoints.close()
         log.close()
-    return MemberResult(member_dir.name, step, tokens, loss, stopped)
+    return MemberResult(member_dir.name, step, tokens, loss, stopped, failed)
 
 
 def _make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params_sharding):
@@ -258,10 +268,12 @@ def _make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, param
     rows = batch_sharding(mesh)
     fixed = [{k: jax.make_array_from_process_local_data(rows, v) for k, v in next(batches).items()}
              for _ in range(recipe.logging.eval_batches)]
+    sparse_head = SparseHead(recipe.data.mlm_mask_ratio, mesh) if objective == "mlm" else None
     step = jax.jit(make_eval_step(model_graph(recipe.model, objective),
                                   microbatch_size=train.microbatch_size,
                                   compute_shardings=jax.tree.map(compute_sharding,
-                                                                 params_sharding)),
+                                                                 params_sharding),
+                                  sparse_head=sparse_head),
                    in_shardings=(params_sharding, rows))
 
     def evaluate(params) -> dict[str, float]:

@@ -14,20 +14,38 @@ a bidirectional window, and XLA materialises the [S, S] scores.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.flash_attention import gpu, tpu
 from pallas_kernels.flash_attention.mask import Window, is_visible, visibility_mask
 from pallas_kernels.flash_attention.plan import BlockPlan, make_plan, visit_ranges
 from pallas_kernels.flash_attention.reference import reference_attention
+from pallas_kernels.partitioning import partitioned
 
 BACKENDS = ("tpu", "gpu")
 
 __all__ = ["BACKENDS", "BlockPlan", "Window", "flash_attention", "is_visible", "make_plan",
            "reference_attention", "visibility_mask", "visit_ranges"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """What the kernels need besides the arrays (static)."""
+
+    causal: bool
+    window: Window | None
+    scale: float
+    block_q: int | None
+    block_k: int | None
+    backend: str | None
+    interpret: Any
 
 
 def flash_attention(
@@ -42,7 +60,7 @@ def flash_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     backend: str | None = None,
-    interpret: bool | None = None,
+    interpret: Any = None,
 ) -> jax.Array:
     """Softmax attention of q, k, v [B, S, H, D] (fp32 or bf16), differentiable in q, k, v.
 
@@ -50,9 +68,14 @@ def flash_attention(
     query i iff i - left <= j <= i + right (with causal, right is 0). segment_ids [B, S] int:
     a query sees only keys of its segment; 0 marks padding, whose outputs are zeros (no NaN,
     also for a row that is all padding). scale: 1/sqrt(D) by default. block_q / block_k:
-    tiling (default: the backend's DEFAULT_BLOCKS for global or local attention). backend: "tpu" or "gpu" kernels; None picks by
-    jax.default_backend() (the TPU kernels elsewhere). interpret: run the kernels in Pallas'
-    interpret mode; None does so when JAX runs on CPU. Any S: sequences are padded internally.
+    tiling (default: the backend's DEFAULT_BLOCKS for global or local layers). Any S:
+    sequences are padded internally.
+
+    backend "tpu" or "gpu" and interpret (bool, or `pltpu.InterpretParams` for the TPU
+    kernels) are chosen for the platform the computation is lowered for when None: Mosaic on
+    TPU, Triton on CUDA GPUs, the TPU kernels in interpret mode on CPU. So AOT compilation
+    for a TPU topology from a CPU process gets the Mosaic kernels. Under a sharded jit each
+    device runs the kernels on its own batch and head shards (`partitioning`).
     Returns [B, S, H, D] in q's dtype.
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -64,55 +87,94 @@ def flash_attention(
     if segment_ids.shape != (batch, seq_len):
         raise ValueError(f"segment_ids shape {segment_ids.shape} != (batch, seq) "
                          f"{(batch, seq_len)}")
-    backend = backend or ("gpu" if jax.default_backend() == "gpu" else "tpu")
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
-    defaults = _kernels(backend).DEFAULT_BLOCKS["global" if window is None else "local"]
-    plan = make_plan(seq_len, causal=causal, window=window, block_q=block_q or defaults[0],
-                     block_k=block_k or defaults[1])
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _attention(q, k, v, segment_ids.astype(jnp.int32), plan, scale, backend, interpret)
+    options = _Options(causal, None if window is None else tuple(window),
+                       q.shape[-1] ** -0.5 if scale is None else float(scale), block_q, block_k,
+                       backend, interpret)
+    for name in BACKENDS if backend is None else (backend,):  # bad blocks or window: fail now
+        _plan(seq_len, options, name)
+    return _attention(q, k, v, segment_ids.astype(jnp.int32), options)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _attention(q, k, v, segment_ids, plan, scale, backend, interpret):
-    return _forward(q, k, v, segment_ids, plan, scale, backend, interpret)[0]
-
-
-def _layout(q, k, v, segment_ids, plan: BlockPlan):
-    """[B, S, H, D] -> padded [B, H, S', D], and the padded segment ids [B, S']."""
-    pad = plan.seq_len - q.shape[1]
-    to_heads = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).swapaxes(1, 2)  # noqa: E731
-    return to_heads(q), to_heads(k), to_heads(v), jnp.pad(segment_ids, ((0, 0), (0, pad)))
+def _plan(seq_len: int, options: _Options, backend: str) -> BlockPlan:
+    defaults = _kernels(backend).DEFAULT_BLOCKS["global" if options.window is None else "local"]
+    return make_plan(seq_len, causal=options.causal, window=options.window,
+                     block_q=options.block_q or defaults[0],
+                     block_k=options.block_k or defaults[1])
 
 
 def _kernels(backend: str):
     return tpu if backend == "tpu" else gpu
 
 
-def _forward(q, k, v, segment_ids, plan, scale, backend, interpret):
-    qh, kh, vh, segments = _layout(q, k, v, segment_ids, plan)
-    ranges = visit_ranges(plan, segments)
-    out, lse = _kernels(backend).forward(qh, kh, vh, segments, ranges, plan, scale=scale,
-                                         interpret=interpret)
-    result = out.swapaxes(1, 2)[:, :q.shape[1]]
-    return result, (q, k, v, segment_ids, out, lse)
+def _on_platform(kernels: Callable, options: _Options, *args):
+    """kernels(*args, plan, backend, interpret) with the backend and interpret mode that
+    `options` fix, or else those of the platform being lowered for."""
+    def branch(platform: str):
+        backend = options.backend or ("gpu" if platform in ("cuda", "rocm") else "tpu")
+        interpret = options.interpret if options.interpret is not None else platform == "cpu"
+        plan = _plan(args[0].shape[1], options, backend)
+        return lambda *arrays: kernels(*arrays, plan, options.scale, backend, interpret)
+
+    return lax.platform_dependent(*args, tpu=branch("tpu"), cuda=branch("cuda"),
+                                  rocm=branch("rocm"), default=branch("cpu"))
 
 
-def _backward(plan, scale, backend, interpret, residuals, d_result):
-    q, k, v, segment_ids, out, lse = residuals
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, segment_ids, options):
+    return _forward(q, k, v, segment_ids, options)[0]
+
+
+def _to_kernel_layout(x, plan: BlockPlan):
+    """[B, S, H, D] -> [B, H, S', D], padded to the plan's length."""
+    return jnp.pad(x, ((0, 0), (0, plan.seq_len - x.shape[1]), (0, 0), (0, 0))).swapaxes(1, 2)
+
+
+def _forward_kernels(q, k, v, segment_ids, plan, scale, backend, interpret):
+    """(output [B, S, H, D], logsumexp [B, H, S]) on one shard."""
     seq_len = q.shape[1]
-    qh, kh, vh, segments = _layout(q, k, v, segment_ids, plan)
-    d_out = jnp.pad(d_result, ((0, 0), (0, plan.seq_len - seq_len), (0, 0), (0, 0)))
-    ranges = visit_ranges(plan, segments)
-    grads = _kernels(backend).backward(qh, kh, vh, segments, ranges, plan, out, lse,
-                                       d_out.swapaxes(1, 2), scale=scale, interpret=interpret)
-    dq, dk, dv = (g.swapaxes(1, 2)[:, :seq_len] for g in grads)
+    segments = jnp.pad(segment_ids, ((0, 0), (0, plan.seq_len - seq_len)))
+    out, lse = _kernels(backend).forward(
+        *(_to_kernel_layout(x, plan) for x in (q, k, v)), segments, visit_ranges(plan, segments),
+        plan, scale=scale, interpret=interpret)
+    return out.swapaxes(1, 2)[:, :seq_len], lse[:, :, :seq_len]
+
+
+def _backward_kernels(q, k, v, segment_ids, out, lse, d_out, plan, scale, backend, interpret):
+    """(dq, dk, dv), each [B, S, H, D], on one shard."""
+    seq_len = q.shape[1]
+    segments = jnp.pad(segment_ids, ((0, 0), (0, plan.seq_len - seq_len)))
+    grads = _kernels(backend).backward(
+        *(_to_kernel_layout(x, plan) for x in (q, k, v)), segments, visit_ranges(plan, segments),
+        plan, _to_kernel_layout(out, plan),
+        jnp.pad(lse, ((0, 0), (0, 0), (0, plan.seq_len - seq_len))),
+        _to_kernel_layout(d_out, plan), scale=scale, interpret=interpret)
+    return tuple(g.swapaxes(1, 2)[:, :seq_len] for g in grads)
+
+
+# Batch (b) and heads (h) are independent: each device runs the kernels on its own shard;
+# sequence (s) and features (d) are whole inside a kernel.
+_sharded_forward = partitioned(
+    lambda q, k, v, segment_ids, options: _on_platform(_forward_kernels, options, q, k, v,
+                                                       segment_ids),
+    "b s h d, b s h d, b s h d, b s -> b s h d, b h s", replicated=("s", "d"),
+    static_argnums=(4,))
+_sharded_backward = partitioned(
+    lambda q, k, v, segment_ids, out, lse, d_out, options: _on_platform(
+        _backward_kernels, options, q, k, v, segment_ids, out, lse, d_out),
+    "b s h d, b s h d, b s h d, b s, b s h d, b h s, b s h d -> b s h d, b s h d, b s h d",
+    replicated=("s", "d"), static_argnums=(7,))
+
+
+def _forward(q, k, v, segment_ids, options):
+    out, lse = _sharded_forward(q, k, v, segment_ids, options)
+    return out, (q, k, v, segment_ids, out, lse)
+
+
+def _backward(options, residuals, d_out):
+    dq, dk, dv = _sharded_backward(*residuals, d_out, options)
     return dq, dk, dv, None
 
 
-_attention.defvjp(
-    lambda q, k, v, segment_ids, plan, scale, backend, interpret:
-        _forward(q, k, v, segment_ids, plan, scale, backend, interpret),
-    _backward)
+_attention.defvjp(_forward, _backward)

@@ -47,11 +47,13 @@ class BlockPlan:
     def num_k_blocks(self) -> int:
         return self.seq_len // self.block_k
 
-    def band(self) -> np.ndarray:
-        """bool [num_q_blocks, num_k_blocks]: block pairs that intersect the causal/window band."""
+    def band(self, xp=np):
+        """bool [num_q_blocks, num_k_blocks]: block pairs that intersect the causal/window band
+        (computed with the array module `xp`: numpy, or jax.numpy inside traced code, where
+        it adds no constant)."""
         left, right = _reach(self.causal, self.window, self.seq_len)
-        q_first = np.arange(self.num_q_blocks)[:, None] * self.block_q
-        k_first = np.arange(self.num_k_blocks)[None, :] * self.block_k
+        q_first = xp.arange(self.num_q_blocks)[:, None] * self.block_q
+        k_first = xp.arange(self.num_k_blocks)[None, :] * self.block_k
         q_last, k_last = q_first + self.block_q - 1, k_first + self.block_k - 1
         # Some i in the query block and j in the key block with i - left <= j <= i + right.
         return (k_first <= q_last + right) & (k_last >= q_first - left)
@@ -120,7 +122,7 @@ def visit_ranges(plan: BlockPlan, segment_ids: jax.Array) -> dict[str, jax.Array
     k_low, k_high = _segment_ranges(segment_ids, plan.block_k)
     overlap = ((q_low[:, :, None] <= k_high[:, None, :])
                & (k_low[:, None, :] <= q_high[:, :, None]))
-    visit = overlap & jnp.asarray(plan.band())[None]
+    visit = overlap & plan.band(jnp)[None]
     kv_first, kv_count = _runs(visit)
     q_first, q_count = _runs(jnp.swapaxes(visit, 1, 2))
     return {"kv_first": kv_first, "kv_count": kv_count, "q_first": q_first, "q_count": q_count}

@@ -4,7 +4,8 @@ Each grid step sees one query block and one key block in VMEM; running statistic
 scratch across the "arbitrary" key axis. The visited block ranges (`plan.visit_ranges`) are
 scalar-prefetched into SMEM: the index maps read them to fetch only visited blocks, and a step
 past a block's count repeats the previous block index (so no copy is issued) and computes
-nothing. Layouts: q, k, v, o [B, H, S, D]; per-row statistics [B, H, S, 1]; query segment ids
+nothing. Layouts: q, k, v, o [B, H, S, D]; per-row statistics [B, H, S, 1] inside (logsumexp
+[B, H, S] outside, as the GPU kernels have it); query segment ids
 [B, S, 1] and key segment ids [B, 1, S], so that tiles broadcast to [bq, bk] without a
 transpose.
 """
@@ -72,8 +73,8 @@ def _call(kernel, plan: BlockPlan, grid, in_specs, out_specs, out_shape, scratch
 
 def forward(q, k, v, segments, ranges, plan: BlockPlan, *, scale: float,
             interpret) -> tuple[jax.Array, jax.Array]:
-    """(output [B, H, S, D] in q's dtype, logsumexp [B, H, S, 1] fp32) of q, k, v
-    [B, H, S, D] with segment ids [B, S] and the visit ranges of `plan.visit_ranges`."""
+    """(output [B, H, S, D] in q's dtype, logsumexp [B, H, S] fp32) of q, k, v [B, H, S, D]
+    with segment ids [B, S] and the visit ranges of `plan.visit_ranges`."""
     batch, heads, _, head_dim = q.shape
     q_segment, k_segment = segments[:, :, None], segments[:, None, :]
     spec = _specs(plan, head_dim, outer_is_query=True)
@@ -109,7 +110,8 @@ def forward(q, k, v, segments, ranges, plan: BlockPlan, *, scale: float,
         [pltpu.VMEM((plan.block_q, 1), jnp.float32), pltpu.VMEM((plan.block_q, 1), jnp.float32),
          pltpu.VMEM((plan.block_q, head_dim), jnp.float32)],
         interpret)
-    return tuple(call(ranges["kv_first"], ranges["kv_count"], q, k, v, q_segment, k_segment))
+    out, lse = call(ranges["kv_first"], ranges["kv_count"], q, k, v, q_segment, k_segment)
+    return out, lse[..., 0]
 
 
 def backward(q, k, v, segments, ranges, plan: BlockPlan, out, lse, d_out, *,
@@ -121,6 +123,7 @@ def backward(q, k, v, segments, ranges, plan: BlockPlan, out, lse, d_out, *,
     q_segment, k_segment = segments[:, :, None], segments[:, None, :]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
                     keepdims=True)
+    lse = lse[..., None]
     common = functools.partial(_tile_gradients, plan=plan, scale=scale)
 
     def dq_kernel(first_ref, count_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref,

@@ -4,6 +4,7 @@ per-chip memory from the compiled executables.
 
     .venv/bin/python benchmarks/tpu_fit.py                       # recipes/ettin-*.yaml, v5p:4x4x4
     .venv/bin/python benchmarks/tpu_fit.py --recipes recipes/ettin-1b.yaml --topology v5p:2x2x4
+    .venv/bin/python benchmarks/tpu_fit.py model.attention_impl=pallas   # overrides, every recipe
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", type=Path, default=PHASE_1)
     parser.add_argument("--topology", default="v5p:4x4x4")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe overrides applied to every recipe")
     args = parser.parse_args()
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPU cores; topology {args.topology}")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPU cores; topology {args.topology}"
+          f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}")
     print()
     print("| recipe | mesh (data x fsdp) | rows per chip per microbatch | member | per-chip GiB "
           "(arguments + temporaries) | of HBM GiB | fits | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.recipes:
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, args.overrides)
         start = time.perf_counter()
         report = tpu_memory_report(recipe, args.topology)
         seconds = (time.perf_counter() - start) / 2

@@ -26,7 +26,7 @@ from ettin_jax.config import recipe_from_preset
 from ettin_jax.config.schema import MeshConfig
 from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.optimizer import make_optimizer
-from ettin_jax.training.state import init_state, model_graph
+from ettin_jax.training.state import init_state
 from ettin_jax.training.step import sharded_train_step
 
 
@@ -56,7 +56,8 @@ def ours(preset: str, batch: dict[str, np.ndarray], steps: int) -> float:
     mesh = make_mesh(MeshConfig(1, 1), jax.devices()[:1])
     optimizer = make_optimizer(recipe.optimizer)
     state, shardings = init_state(recipe.model, "mlm", optimizer, mesh, seed=0)
-    fn = sharded_train_step(model_graph(recipe.model, "mlm"), optimizer, shardings, mesh, seed=0)
+    fn = sharded_train_step(recipe.model, "mlm", optimizer, shardings, mesh, seed=0,
+                            mlm_mask_ratio=0.3)
     placed = jax.device_put(batch, batch_sharding(mesh))
     holder = [state]
 

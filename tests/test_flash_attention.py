@@ -23,6 +23,7 @@ from pallas_kernels.flash_attention import (
     reference_attention,
     visit_ranges,
 )
+from pallas_kernels.partitioning import ShardedOver
 
 ROOT = Path(__file__).resolve().parents[1]
 MASKS = [(False, None), (True, None), (False, (5, 9)), (True, (7, 0))]
@@ -160,28 +161,30 @@ def test_bad_arguments_are_named(rng):
         flash_attention(q, k, v, window=(-1, 3))
 
 
-def test_sharded_inputs_stay_sharded():
-    """Under a jit whose batch is split over 8 devices, each device runs the kernels on its own
-    rows: no all-gather, sharded gradients, the reference's values. (Without the custom
-    partitioning XLA gathers every input onto every device.)"""
+def test_sharded_over_runs_each_shard_on_its_device():
+    """Under a jit whose batch is split over 8 devices (and heads over 2 of them), each device
+    runs the kernels on its own shard: no all-gather, sharded gradients, the reference's
+    values. (Without `sharded_over` XLA gathers every input onto every device.)"""
     rng = np.random.default_rng(7)
     q, k, v = random_inputs(rng, 8, 40, 2, 64)
     segments = jnp.asarray(np.repeat(np.arange(1, 5), 10)[None].repeat(8, 0))
-    rows = NamedSharding(Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"),
-                              axis_types=(AxisType.Auto,) * 2), PartitionSpec(("data", "fsdp")))
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"),
+                axis_types=(AxisType.Auto,) * 2)
+    sharded_over = ShardedOver(mesh, batch=("data",), heads=("tensor",))
+    heads = NamedSharding(mesh, sharded_over.spec("batch", None, "heads", None))
 
-    def loss(attention, q, k, v):
-        return jnp.sum(attention(q, k, v, causal=True, segment_ids=segments) ** 2)
+    def loss(q, k, v, **kwargs):
+        attention = flash_attention if kwargs else reference_attention
+        return jnp.sum(attention(q, k, v, causal=True, segment_ids=segments, **kwargs) ** 2)
 
-    step = jax.jit(jax.value_and_grad(functools.partial(loss, flash_attention), (0, 1, 2)),
-                   in_shardings=(rows, rows, rows))
+    step = jax.jit(jax.value_and_grad(functools.partial(loss, sharded_over=sharded_over),
+                                      (0, 1, 2)), in_shardings=(heads, heads, heads))
     assert "all-gather" not in step.lower(q, k, v).compile().as_text()
     value, grads = step(q, k, v)
-    expected, expected_grads = jax.value_and_grad(
-        functools.partial(loss, reference_attention), (0, 1, 2))(q, k, v)
+    expected, expected_grads = jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
     assert float(value) == pytest.approx(float(expected), rel=1e-5)
     for grad, ref in zip(grads, expected_grads):
-        assert grad.sharding.spec == rows.spec and _relative_error(grad, ref) <= 1e-4
+        assert grad.sharding.spec == heads.spec and _relative_error(grad, ref) <= 1e-4
 
 
 def test_gpu_kernels_lower_through_triton():

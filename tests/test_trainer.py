@@ -36,10 +36,9 @@ SMALL = ["train.seq_len=64", "train.global_batch_size=8", "logging.every_steps=1
 def _losses(recipe, objective, mesh, steps=5, microbatch_size=None):
     optimizer = make_optimizer(recipe.optimizer)
     state, shardings = init_state(recipe.model, objective, optimizer, mesh, seed=recipe.train.seed)
-    step = sharded_train_step(model_graph(recipe.model, objective), optimizer, shardings, mesh,
+    step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh,
                               seed=recipe.train.seed, microbatch_size=microbatch_size,
-                              mlm_mask_ratio=recipe.data.mlm_mask_ratio if objective == "mlm"
-                              else None)
+                              mlm_mask_ratio=recipe.data.mlm_mask_ratio)
     batches = make_batch_iterator(recipe.data, seq_len=recipe.train.seq_len,
                                   global_batch_size=recipe.train.global_batch_size,
                                   seed=recipe.train.seed, objective=objective,
@@ -118,7 +117,7 @@ def test_fsdp_gathers_weights_not_activations():
         state = abstract_state(shardings, recipe.model, "clm", optimizer)
         batch = {key: jax.ShapeDtypeStruct((64, 128), np.int32, sharding=batch_sharding(mesh))
                  for key in ("input_ids", "segment_ids", "positions", "labels")}
-        step = sharded_train_step(model_graph(recipe.model, "clm"), optimizer, shardings, mesh,
+        step = sharded_train_step(recipe.model, "clm", optimizer, shardings, mesh,
                                   seed=0)
         compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), np.float32)).compile()
         return compiled.memory_analysis().temp_size_in_bytes
@@ -158,7 +157,7 @@ def test_mlm_packing_overflow_skips_the_update_and_stops_the_run(tmp_path, monke
     masked = int(np.sum(batch["labels"] != -100))
     # All masked tokens fit at ratio 0.3; at 0.05 they cannot.
     for ratio, lost in [(0.3, 0), (0.05, masked - step_module.capacity_for(8, 64, 0.05))]:
-        step = sharded_train_step(model_graph(recipe.model, "mlm"), optimizer, shardings, mesh,
+        step = sharded_train_step(recipe.model, "mlm", optimizer, shardings, mesh,
                                   seed=3, mlm_mask_ratio=ratio)
         before = np.asarray(state.params["head"]["dense"]["kernel"])
         state, metrics = step(state, batch, 1e-3)

@@ -22,6 +22,7 @@ from pallas_kernels.flash_attention import (
     reference_attention,
     visibility_mask,
 )
+from pallas_kernels.partitioning import ShardedOver
 
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "cudnn")
 
@@ -44,6 +45,7 @@ def dot_product_attention(
     causal: bool,
     window: Window | None,
     impl: str = "xla",
+    sharded_over: ShardedOver | None = None,
 ) -> jax.Array:
     """Softmax attention of q, k, v [B, S, heads, head_dim] under the mask semantics above.
 
@@ -51,13 +53,15 @@ def dot_product_attention(
     fp32. Returns [B, S, heads, head_dim] in v's dtype, zero at padding queries.
     `impl`: "xla" (dense reference, runs everywhere), "pallas" (the flash-attention kernels of
     `pallas_kernels`; interpret mode on CPU), "cudnn" (jax.nn.dot_product_attention on a CUDA
-    GPU).
+    GPU). `sharded_over`: where batch and heads live on the mesh under a sharded jit, so that
+    the Pallas kernels run per shard (XLA partitions the other implementations itself).
     """
     if impl == "xla":
         return reference_attention(q, k, v, causal=causal, window=window,
                                    segment_ids=segment_ids)
     if impl == "pallas":
-        return flash_attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids)
+        return flash_attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids,
+                               sharded_over=sharded_over)
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, segment_ids, causal=causal, window=window)
     raise ValueError(

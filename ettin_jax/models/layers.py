@@ -23,6 +23,7 @@ from flax import nnx
 from ettin_jax.models.attention import dot_product_attention, local_window
 from ettin_jax.models.config import ModelConfig
 from ettin_jax.models.rope import apply_rope
+from pallas_kernels.partitioning import ShardedOver
 
 RopeTables = dict[str, tuple[jax.Array, jax.Array]]
 
@@ -90,8 +91,10 @@ class Embeddings(nnx.Module):
 class Attention(nnx.Module):
     """Fused-QKV self-attention with RoPE; global or local (windowed) by layer index."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, causal: bool, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, causal: bool, rngs: nnx.Rngs,
+                 sharded_over: ShardedOver | None = None):
         self.num_heads = config.num_heads
+        self.sharded_over = sharded_over
         self.head_dim = config.head_dim
         self.causal = causal
         self.kind = "global" if config.is_global_layer(layer) else "local"
@@ -113,7 +116,7 @@ class Attention(nnx.Module):
         k = apply_rope(qkv[:, :, 1], cos, sin)
         out = dot_product_attention(
             q, k, qkv[:, :, 2], segment_ids, causal=self.causal, window=self.window,
-            impl=self.impl,
+            impl=self.impl, sharded_over=self.sharded_over,
         )
         out = self.Wo(out.reshape(batch, seq, self.num_heads * self.head_dim))
         return self.out_drop(out, deterministic=deterministic, rngs=dropout_rng)
@@ -139,9 +142,10 @@ class GeGLU(nnx.Module):
 class TransformerBlock(nnx.Module):
     """Pre-norm block: h += attn(attn_norm(h)); h += mlp(mlp_norm(h)). Layer 0 has no attn_norm."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, causal: bool, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, causal: bool, rngs: nnx.Rngs,
+                 sharded_over: ShardedOver | None = None):
         self.attn_norm = layer_norm(config, rngs=rngs) if layer != 0 else None
-        self.attn = Attention(config, layer, causal=causal, rngs=rngs)
+        self.attn = Attention(config, layer, causal=causal, rngs=rngs, sharded_over=sharded_over)
         self.mlp_norm = layer_norm(config, rngs=rngs)
         self.mlp = GeGLU(config, rngs=rngs)
 

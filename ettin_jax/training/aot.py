@@ -17,7 +17,7 @@ from ettin_jax.config import Recipe
 from ettin_jax.errors import ConfigError
 from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.optimizer import make_optimizer
-from ettin_jax.training.state import abstract_state, init_state_shardings, model_graph
+from ettin_jax.training.state import abstract_state, init_state_shardings
 from ettin_jax.training.step import sharded_train_step
 
 # Per-chip HBM of TPU generations (bytes), for the "fits" verdict.
@@ -52,10 +52,9 @@ def tpu_memory_report(recipe: Recipe, topology: str) -> dict[str, Any]:
         shape = (train.global_batch_size, train.seq_len)
         batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
                  for k in ("input_ids", "segment_ids", "positions", "labels")}
-        mask_ratio = recipe.data.mlm_mask_ratio if objective == "mlm" else None
-        step = sharded_train_step(model_graph(recipe.model, objective), optimizer, shardings,
-                                  mesh, seed=0, microbatch_size=train.microbatch_size,
-                                  mlm_mask_ratio=mask_ratio)
+        step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh, seed=0,
+                                  microbatch_size=train.microbatch_size,
+                                  mlm_mask_ratio=recipe.data.mlm_mask_ratio)
         try:
             compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
         except Exception as err:  # XLA reports out-of-memory as a compile error

@@ -21,11 +21,12 @@ from jax.sharding import Mesh, PartitionSpec
 
 from data_pipelines.microbatches import split_microbatches
 from data_pipelines.objectives import IGNORE
-from ettin_jax.models import EttinModel
+from ettin_jax.models import EttinModel, ModelConfig
+from ettin_jax.models.config import Objective
 from ettin_jax.training.mesh import BATCH_AXES, batch_sharding, compute_sharding
 from pallas_kernels import capacity_for, overflow, pack_masked_tokens
 from ettin_jax.training.optimizer import set_learning_rate
-from ettin_jax.training.state import Params, TrainState
+from ettin_jax.training.state import Params, TrainState, model_graph
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -164,16 +165,19 @@ def make_eval_step(graph: nnx.GraphDef, *, microbatch_size: int | None = None,
     return eval_step
 
 
-def sharded_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                       shardings: TrainState, mesh: Mesh, *, seed: int,
-                       microbatch_size: int | None = None,
+def sharded_train_step(config: ModelConfig, objective: Objective,
+                       optimizer: optax.GradientTransformation, shardings: TrainState,
+                       mesh: Mesh, *, seed: int, microbatch_size: int | None = None,
                        mlm_mask_ratio: float | None = None) -> Callable:
-    """`make_train_step` under jax.jit with explicit shardings: the state stays on `shardings`
-    and is donated, batch rows are split over every device, parameters are gathered from
-    their FSDP shards for compute; with `mlm_mask_ratio` the MLM head runs on each device's
-    packed masked tokens. One compile per distinct batch shape."""
-    sparse_head = None if mlm_mask_ratio is None else SparseHead(mlm_mask_ratio, mesh)
-    step = make_train_step(graph, optimizer, seed=seed, microbatch_size=microbatch_size,
+    """The train step of `objective`'s model under jax.jit with explicit shardings: the state
+    stays on `shardings` and is donated, batch rows are split over every device, parameters
+    are gathered from their FSDP shards for compute, attention kernels run per shard. An MLM
+    head runs on each device's packed masked tokens at `mlm_mask_ratio` (None: on every
+    position). One compile per distinct batch shape."""
+    sparse_head = (SparseHead(mlm_mask_ratio, mesh)
+                   if objective == "mlm" and mlm_mask_ratio is not None else None)
+    step = make_train_step(model_graph(config, objective, mesh), optimizer, seed=seed,
+                           microbatch_size=microbatch_size,
                            compute_shardings=jax.tree.map(compute_sharding, shardings.params),
                            sparse_head=sparse_head)
     return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), None),

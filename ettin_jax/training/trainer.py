@@ -151,10 +151,9 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
         target = abstract_state(shardings, recipe.model, objective, optimizer)
         state, progress, _ = checkpoints.restore(resume_step, target)
         tokens, data_state = progress["tokens"], progress["data"]
-    mask_ratio = data.mlm_mask_ratio if objective == "mlm" else None
-    step_fn = sharded_train_step(model_graph(recipe.model, objective), optimizer, shardings, mesh,
+    step_fn = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh,
                                  seed=train.seed, microbatch_size=train.microbatch_size,
-                                 mlm_mask_ratio=mask_ratio)
+                                 mlm_mask_ratio=data.mlm_mask_ratio)
 
     # Data: the same rows for both members; this process builds its own rows only. The queue
     # cuts full batches into the microbatches that batch-size warmup asks for.
@@ -269,7 +268,7 @@ def _make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, param
     fixed = [{k: jax.make_array_from_process_local_data(rows, v) for k, v in next(batches).items()}
              for _ in range(recipe.logging.eval_batches)]
     sparse_head = SparseHead(recipe.data.mlm_mask_ratio, mesh) if objective == "mlm" else None
-    step = jax.jit(make_eval_step(model_graph(recipe.model, objective),
+    step = jax.jit(make_eval_step(model_graph(recipe.model, objective, mesh),
                                   microbatch_size=train.microbatch_size,
                                   compute_shardings=jax.tree.map(compute_sharding,
                                                                  params_sharding),

@@ -27,7 +27,7 @@ from pallas_kernels.flash_attention import gpu, tpu
 from pallas_kernels.flash_attention.mask import Window, is_visible, visibility_mask
 from pallas_kernels.flash_attention.plan import BlockPlan, make_plan, visit_ranges
 from pallas_kernels.flash_attention.reference import reference_attention
-from pallas_kernels.partitioning import partitioned
+from pallas_kernels.partitioning import ShardedOver
 
 BACKENDS = ("tpu", "gpu")
 
@@ -61,6 +61,7 @@ def flash_attention(
     block_k: int | None = None,
     backend: str | None = None,
     interpret: Any = None,
+    sharded_over: ShardedOver | None = None,
 ) -> jax.Array:
     """Softmax attention of q, k, v [B, S, H, D] (fp32 or bf16), differentiable in q, k, v.
 
@@ -74,8 +75,9 @@ def flash_attention(
     backend "tpu" or "gpu" and interpret (bool, or `pltpu.InterpretParams` for the TPU
     kernels) are chosen for the platform the computation is lowered for when None: Mosaic on
     TPU, Triton on CUDA GPUs, the TPU kernels in interpret mode on CPU. So AOT compilation
-    for a TPU topology from a CPU process gets the Mosaic kernels. Under a sharded jit each
-    device runs the kernels on its own batch and head shards (`partitioning`).
+    for a TPU topology from a CPU process gets the Mosaic kernels. `sharded_over`: under a
+    sharded jit, the mesh axes that split batch and heads; each device then runs the kernels
+    on its own shard (`partitioning`). Without it, sharded inputs are gathered first.
     Returns [B, S, H, D] in q's dtype.
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -94,7 +96,13 @@ def flash_attention(
                        backend, interpret)
     for name in BACKENDS if backend is None else (backend,):  # bad blocks or window: fail now
         _plan(seq_len, options, name)
-    return _attention(q, k, v, segment_ids.astype(jnp.int32), options)
+    attention = functools.partial(_attention, options=options)
+    if sharded_over is not None:
+        heads, rows = sharded_over.spec("batch", None, "heads", None), sharded_over.spec("batch")
+        attention = jax.shard_map(attention, mesh=sharded_over.mesh,
+                                  in_specs=(heads, heads, heads, rows), out_specs=heads,
+                                  check_vma=False)
+    return attention(q, k, v, segment_ids.astype(jnp.int32))
 
 
 def _plan(seq_len: int, options: _Options, backend: str) -> BlockPlan:
@@ -153,27 +161,13 @@ def _backward_kernels(q, k, v, segment_ids, out, lse, d_out, plan, scale, backen
     return tuple(g.swapaxes(1, 2)[:, :seq_len] for g in grads)
 
 
-# Batch (b) and heads (h) are independent: each device runs the kernels on its own shard;
-# sequence (s) and features (d) are whole inside a kernel.
-_sharded_forward = partitioned(
-    lambda q, k, v, segment_ids, options: _on_platform(_forward_kernels, options, q, k, v,
-                                                       segment_ids),
-    "b s h d, b s h d, b s h d, b s -> b s h d, b h s", replicated=("s", "d"),
-    static_argnums=(4,))
-_sharded_backward = partitioned(
-    lambda q, k, v, segment_ids, out, lse, d_out, options: _on_platform(
-        _backward_kernels, options, q, k, v, segment_ids, out, lse, d_out),
-    "b s h d, b s h d, b s h d, b s, b s h d, b h s, b s h d -> b s h d, b s h d, b s h d",
-    replicated=("s", "d"), static_argnums=(7,))
-
-
 def _forward(q, k, v, segment_ids, options):
-    out, lse = _sharded_forward(q, k, v, segment_ids, options)
+    out, lse = _on_platform(_forward_kernels, options, q, k, v, segment_ids)
     return out, (q, k, v, segment_ids, out, lse)
 
 
 def _backward(options, residuals, d_out):
-    dq, dk, dv = _sharded_backward(*residuals, d_out, options)
+    dq, dk, dv = _on_platform(_backward_kernels, options, *residuals, d_out)
     return dq, dk, dv, None
 
 

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -27,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.flash_attention import flash_attention, reference_attention, visibility_mask
+from provenance import print_provenance
 
 HEADS, HEAD_DIM = 12, 64
 CASES = {  # name: (causal, window, packed)
@@ -81,11 +79,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="batch x seq per call")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    device = jax.devices()[0]
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"machine: {platform.platform()}; JAX {jax.__version__} on {device.device_kind} "
-          f"({jax.default_backend()})")
-    print()
+    print_provenance(f"backend {jax.default_backend()}")
     timing = jax.default_backend() != "cpu"
     rng = np.random.default_rng(0)
     if timing:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from data_pipelines.config import DataConfig, SourceConfig
 from data_pipelines.pipeline import make_batch_iterator
 from data_pipelines.prepare import prepare
 from data_pipelines.tokenizers import load_tokenizer, train_tokenizer
+from provenance import print_provenance
 
 
 def main() -> None:
@@ -62,10 +62,7 @@ def main() -> None:
             slots += batch["segment_ids"].size
         pipeline_s = time.perf_counter() - start
 
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPU cores, Python "
-          f"{platform.python_version()}")
-    print()
+    print_provenance()
     print("| measurement | value |")
     print("|---|---|")
     print(f"| `data prepare`, {args.workers} workers | {manifest['text_bytes'] / 1e6 / prepare_s:.1f} "

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -23,6 +21,7 @@ from ettin_jax.training.mesh import batch_sharding, make_mesh  # noqa: E402
 from ettin_jax.training.optimizer import make_optimizer  # noqa: E402
 from ettin_jax.training.state import abstract_state, init_state_shardings  # noqa: E402
 from ettin_jax.training.step import sharded_train_step  # noqa: E402
+from provenance import print_provenance  # noqa: E402
 
 
 def step_flops(preset: str, rows: int, seq: int, mask_ratio: float | None) -> float:
@@ -48,10 +47,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--mask-ratio", type=float, default=0.3)
     args = parser.parse_args()
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPU cores; JAX {jax.__version__} "
-          f"({jax.default_backend()})")
-    print()
+    print_provenance()
     tokens = args.rows * args.seq
     packed = step_flops(args.preset, args.rows, args.seq, args.mask_ratio)
     dense = step_flops(args.preset, args.rows, args.seq, None)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from ettin_jax.config import load_recipe  # noqa: E402
 from ettin_jax.training.aot import tpu_memory_report  # noqa: E402
+from provenance import print_provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASE_1 = [ROOT / "recipes" / f"ettin-{size}.yaml"
@@ -34,10 +33,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="recipe overrides applied to every recipe")
     args = parser.parse_args()
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPU cores; topology {args.topology}"
-          f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}")
-    print()
+    print_provenance(f"topology {args.topology}"
+                     f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}")
     print("| recipe | mesh (data x fsdp) | rows per chip per microbatch | member | per-chip GiB "
           "(arguments + temporaries) | of HBM GiB | fits | compile s |")
     print("|---|---|---|---|---|---|---|---|")

@@ -11,10 +11,7 @@ docs/benchmarks.md (median step time over --steps after warm-up; ratio = ours / 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -28,6 +25,7 @@ from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.state import init_state
 from ettin_jax.training.step import sharded_train_step
+from provenance import print_provenance
 
 
 def _batch(vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -101,10 +99,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPU cores, JAX device "
-          f"{jax.devices()[0].device_kind}, batch {args.batch} x seq {args.seq}, fp32, MLM 30%")
-    print()
+    print_provenance(f"batch {args.batch} x seq {args.seq}, fp32, MLM 30%")
     print("| preset | ettin-jax step | tokens/s | PyTorch (transformers) step | tokens/s | "
           "ratio ours/theirs (tokens/s) |")
     print("|---|---|---|---|---|---|")

@@ -11,7 +11,7 @@ from pathlib import Path
 from data_pipelines.sources import SourceError
 from data_pipelines.tokenizers import TokenizerError
 from ettin_jax.config import Recipe, load_recipe, recipe_from_preset, recipe_to_yaml
-from ettin_jax.errors import CheckpointError, ConfigError
+from ettin_jax.errors import CheckpointError, ConfigError, MetricsError
 from ettin_jax.models.presets import PRESETS
 
 
@@ -125,6 +125,10 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _dry_run(args)
+    if args.run_dir is None:
+        raise ConfigError("train needs --run-dir DIR (or --dry-run)")
     from ettin_jax.training.distributed import initialize
     from ettin_jax.training.trainer import train_pair
 
@@ -132,12 +136,70 @@ def _train(args: argparse.Namespace) -> int:
                process_id=args.process_id, cpu_devices=args.cpu_devices,
                peer_timeout_s=args.peer_timeout)
     recipe = load_recipe(args.recipe, args.overrides)
-    results = train_pair(recipe, args.run_dir, only=args.only)
+    results = train_pair(recipe, args.run_dir, only=args.only, force=args.force)
     for result in results.values():
         status = result.stopped or "done"
         print(f"{result.member}: step {result.step}, {result.tokens:,} tokens, loss "
               f"{result.loss if result.loss is None else round(result.loss, 4)} ({status})")
     return 3 if any(r.failed for r in results.values()) else 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    from ettin_jax.models.describe import format_description
+    from ettin_jax.training.phases import format_run_plan, run_plan
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = run_plan(recipe, only=args.only)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print(recipe_to_yaml(recipe), end="")
+        print(f"\n{format_run_plan(plan)}\n\n{format_description(plan['describe'])}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ettin_jax.training.evaluation import evaluate_run
+
+    results = evaluate_run(args.run_dir, batches=args.batches)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for member, r in results.items() if not args.json else ():
+        print(f"{member} (step {r['step']}, phase {r['phase']}): held-out loss "
+              f"{r['eval_loss']:.4f}, perplexity {r['eval_perplexity']:.2f}, accuracy "
+              f"{r['eval_accuracy']:.2%} over {r['eval_targets']:,} predicted tokens")
+    return 0
+
+
+def _fill_mask(args: argparse.Namespace) -> int:
+    from ettin_jax.inference import fill_mask, load_model
+
+    model, tokenizer = load_model(args.model, "encoder")
+    for index, candidates in enumerate(fill_mask(model, tokenizer, args.text, top_k=args.top_k)):
+        shown = ", ".join(f"{tokenizer.decode([token_id])!r} {probability:.3f}"
+                          for _, token_id, probability in candidates)
+        print(f"[MASK] {index + 1}: {shown}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ettin_jax.inference import generate, load_model
+
+    model, tokenizer = load_model(args.model, "decoder")
+    result = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      seed=args.seed)
+    print(f"{args.prompt}{result.text}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from ettin_jax.plotting import plot_run
+
+    report = plot_run(args.run_dir, args.out, x=args.x)
+    print(f"plot: {report.path} (" + ", ".join(
+        f"{m} {n} records" for m, n in report.records.items()) + ")")
+    return 0
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, metavar: str = "RECIPE",
@@ -190,12 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train the encoder and the decoder of a recipe",
         description="Train both members of the pair (or --only one) into RUN_DIR/encoder and "
-        "RUN_DIR/decoder, on the same rows in the same order. Rerunning the same command "
-        "resumes from the latest complete checkpoint.",
+        "RUN_DIR/decoder, on the same rows in the same order, through the recipe's phases. "
+        "Rerunning the same command resumes from the latest complete checkpoint, in its phase "
+        "and step.",
     )
     _add_recipe_arguments(train)
-    train.add_argument("--run-dir", required=True, metavar="DIR")
+    train.add_argument("--run-dir", metavar="DIR", help="where checkpoints, metrics and the "
+                       "resolved recipe go (required unless --dry-run)")
     train.add_argument("--only", choices=("encoder", "decoder"))
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved recipe, every member's phases and the describe "
+                       "table; compile and train nothing")
+    train.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    train.add_argument("--force", action="store_true",
+                       help="continue RUN_DIR's checkpoints with a recipe that changes what the "
+                       "run computes")
     train.add_argument("--coordinator", metavar="HOST:PORT",
                        help="multi-host: address of process 0 (TPU and SLURM need none)")
     train.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -206,16 +277,67 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run on N fake CPU devices (tests and debugging)")
     train.set_defaults(run=_train)
 
+    evaluate = commands.add_parser(
+        "eval", help="held-out loss, perplexity and accuracy of both members of a run",
+        description="Evaluate the latest checkpoint of each member in RUN_DIR on the recipe's "
+        "held-out data (data.heldout) at the settings of that checkpoint's phase: loss, "
+        "perplexity and accuracy (MLM: masked tokens; CLM: next token).",
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--batches", type=int, help="held-out batches (default: "
+                          "logging.eval_batches)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(run=_eval)
+
+    fill = commands.add_parser(
+        "fill-mask", help="encoder: the top-k tokens for each [MASK] in a text",
+        description="Run the encoder of MODEL (a run directory, a member or step directory, or "
+        "an exported HuggingFace directory) on TEXT and print the most likely tokens for each "
+        "[MASK].",
+    )
+    fill.add_argument("model", metavar="MODEL")
+    fill.add_argument("text", metavar="TEXT", help='e.g. "To be, or not to [MASK]"')
+    fill.add_argument("--top-k", type=int, default=5)
+    fill.set_defaults(run=_fill_mask)
+
+    gen = commands.add_parser(
+        "generate", help="decoder: continue a prompt (greedy or sampled, KV cache)",
+        description="Continue PROMPT with the decoder of MODEL (a run directory, a member or "
+        "step directory, or an exported HuggingFace directory): greedy at temperature 0, "
+        "otherwise sampled after top-k and top-p filtering; one compiled step per token over "
+        "a KV cache.",
+    )
+    gen.add_argument("model", metavar="MODEL")
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=_generate)
+
+    plot = commands.add_parser(
+        "plot", help="PNG of the loss and learning-rate curves of a run",
+        description="Draw RUN_DIR's loss and learning-rate curves, encoder and decoder side by "
+        "side, with the phase boundaries, to RUN_DIR/plots/training.png (or --out).",
+    )
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("--out", metavar="FILE.png")
+    plot.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis")
+    plot.set_defaults(run=_plot)
+
     export = commands.add_parser(
         "export",
         help="native checkpoint(s) -> HuggingFace transformers directories",
-        description="Export a run directory (both members, to OUT/encoder and OUT/decoder), a "
-        "member directory or one checkpoint step as transformers ModernBERT directories "
+        description="Export a run directory (both members, to OUT/encoder and OUT/decoder, by "
+        "default RUN_DIR/encoder/hf and RUN_DIR/decoder/hf), a member directory or one "
+        "checkpoint step as transformers ModernBERT directories "
         "(config.json, model.safetensors, tokenizer files). Encoders load with "
         "AutoModelForMaskedLM, decoders with AutoModelForCausalLM.",
     )
     export.add_argument("source", metavar="CHECKPOINT_OR_RUN_DIR")
-    export.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    export.add_argument("--out", metavar="DIR",
+                        help="output directory (default: <member dir>/hf)")
     export.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
     export.set_defaults(run=_export)
 
@@ -290,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, SourceError, TokenizerError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, SourceError, TokenizerError, MetricsError,
+            FileNotFoundError) as err:
         print(f"ettin-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

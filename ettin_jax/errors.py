@@ -21,3 +21,7 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
 class CheckpointError(ValueError):
     """A checkpoint or HuggingFace directory is missing, incomplete or not what it claims to be;
     the message names the directory or file, the tensor or field, and what was expected."""
+
+
+class MetricsError(ValueError):
+    """A run directory has no usable metrics; the message names the directory or file."""

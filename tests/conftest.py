@@ -77,6 +77,17 @@ def padded_batch(seq: int, vocab_size: int, rng: np.random.Generator):
     return ids, attention_mask
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A 512-piece SentencePiece tokenizer trained on four bundled documents."""
+    from data_pipelines.corpus import bundled_documents
+    from data_pipelines.tokenizers import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(out, vocab_size=512, texts=[d.text for d in bundled_documents()[:4]])
+    return out
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A numpy generator seeded differently for every test (fresh seeds, reproducible by name)."""

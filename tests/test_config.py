@@ -11,7 +11,6 @@ import pytest
 
 from ettin_jax.config import (
     ConfigError,
-    PhaseConfig,
     Recipe,
     load_recipe,
     recipe_from_preset,
@@ -35,11 +34,17 @@ def _error(path, overrides=()) -> str:
     return str(info.value)
 
 
-def test_tiny_yaml_and_gin_are_the_same_recipe():
-    from_yaml = load_recipe(RECIPES / "tiny.yaml")
-    from_gin = load_recipe(RECIPES / "tiny.gin")
+@pytest.mark.parametrize("name", ["tiny", "ettin-150m"])
+def test_yaml_and_gin_are_the_same_recipe(name):
+    from_yaml = load_recipe(RECIPES / f"{name}.yaml")
+    from_gin = load_recipe(RECIPES / f"{name}.gin")
     assert from_yaml == from_gin
-    assert from_yaml.model == get_preset("tiny")
+    assert len(from_yaml.phases) == 3
+
+
+def test_tiny_recipe():
+    from_yaml = load_recipe(RECIPES / "tiny.yaml")
+    assert from_yaml.model == dataclasses.replace(get_preset("tiny"), global_rope_theta=1e4)
     assert from_yaml.optimizer.learning_rate == pytest.approx(3e-3)  # "3e-3" read as a float
 
 
@@ -76,31 +81,83 @@ def test_recipe_is_frozen_and_typed():
 
 
 def test_round_trip_through_yaml(tmp_path):
-    recipe = load_recipe(RECIPES / "tiny.yaml", [
-        "phases=[{name: pretrain, steps: 4}, {name: decay, steps: 2, mlm_mask_ratio: 0.15}]",
-        "optimizer.clip_grad_norm=1.0",
-    ])
+    recipe = load_recipe(RECIPES / "tiny.yaml", ["optimizer.clip_grad_norm=1.0"])
     path = tmp_path / "resolved.yaml"
     path.write_text(recipe_to_yaml(recipe))
     assert load_recipe(path) == recipe
-    assert recipe_to_dict(recipe)["phases"][1] == {
-        "name": "decay", "steps": 2, "seq_len": None, "mlm_mask_ratio": 0.15}
+    resolved = recipe_to_dict(recipe)["phases"]
+    assert [p["name"] for p in resolved] == ["pretrain", "extension", "decay"]
+    assert resolved[2]["optimizer"]["clip_grad_norm"] == 1.0  # inherited through the phases
+
+
+def test_phases_inherit_from_the_phase_before(tmp_path):
+    path = _write(tmp_path, "r.yaml", """
+        model: {preset: tiny, global_rope_theta: 10000.0}
+        train: {tokens: 1000, steps: null, seq_len: 64}
+        data: {mlm_mask_ratio: 0.3}
+        phases:
+          - {name: pretrain, kind: pretrain}
+          - name: long
+            kind: extension
+            model: {global_rope_theta: 160000.0}
+            train: {seq_len: 128, tokens: 500}
+            optimizer_state: reset
+          - name: decay
+            kind: decay
+            data: {mlm_mask_ratio: 0.15}
+    """)
+    recipe = load_recipe(path, ["phases.2.train.tokens=200"])
+    pretrain, long, decay = recipe.phases
+    assert pretrain.train == recipe.train and pretrain.model == recipe.model
+    assert (long.train.seq_len, long.train.tokens, long.model.global_rope_theta) == \
+        (128, 500, 160000.0)
+    assert long.data.mlm_mask_ratio == 0.3 and long.optimizer_state == "reset"
+    # The decay phase starts from the extension's sections, not the top level's; the kind of
+    # phase and its optimizer rule are its own.
+    assert (decay.train.seq_len, decay.train.tokens, decay.model.global_rope_theta) == \
+        (128, 200, 160000.0)
+    assert (decay.data.mlm_mask_ratio, decay.optimizer_state) == (0.15, "keep")
+    assert recipe.run_phases() == recipe.phases
+    assert load_recipe(path, ["phases=[]"]).run_phases()[0].train == recipe.train
+    single = recipe.phase_recipe(long)
+    assert (single.phases, single.train, single.model) == ((), long.train, long.model)
 
 
 def test_gin_phases_and_list_override(tmp_path):
     path = _write(tmp_path, "r.gin", """
         model.preset = 'tiny'
+        train.seq_len = 64
         recipe.phases = [@pretrain/phase(), @decay/phase()]
         pretrain/phase.name = 'pretrain'
-        pretrain/phase.steps = 10
-        pretrain/phase.seq_len = 64
+        pretrain/phase.kind = 'pretrain'
+        pretrain/phase.train = {'steps': 10}
         decay/phase.name = 'decay'
-        decay/phase.steps = 3
-        decay/phase.mlm_mask_ratio = 0.15
+        decay/phase.kind = 'decay'
+        decay/phase.train = {'steps': 3}
+        decay/phase.data = {'mlm_mask_ratio': 0.15}
     """)
-    recipe = load_recipe(path, ["phases.1.steps=5"])
-    assert recipe.phases == (PhaseConfig("pretrain", 10, seq_len=64),
-                             PhaseConfig("decay", 5, mlm_mask_ratio=0.15))
+    recipe = load_recipe(path, ["phases.1.train.steps=5"])
+    assert [(p.name, p.train.steps, p.train.seq_len, p.data.mlm_mask_ratio)
+            for p in recipe.phases] == [("pretrain", 10, 64, 0.3), ("decay", 5, 64, 0.15)]
+
+
+def test_errors_carry_the_line_of_the_key(tmp_path):
+    yaml_path = _write(tmp_path, "r.yaml", """
+        model:
+          preset: tiny
+        phases:
+          - name: a
+          - name: b
+            train:
+              seq_len: 1
+    """)
+    assert f"{yaml_path}:8: phases.1.train.seq_len: seq_len must be >= 2" in _error(yaml_path)
+    gin_path = _write(tmp_path, "r.gin", """
+        model.preset = 'tiny'
+
+        train.seq_len = 1
+    """)
+    assert f"{gin_path}:4: train.seq_len" in _error(gin_path)
 
 
 def test_defaults_and_presets():
@@ -129,8 +186,18 @@ def test_defaults_and_presets():
     ("train:\n  steps: 3\n  steps: 4\n", ["r.yaml", "duplicate key 'steps'"]),
     ("train: [steps: 3\n", ["r.yaml", "invalid YAML"]),
     ("- 1\n- 2\n", ["r.yaml", "must be a mapping of sections"]),
-    ("phases:\n  - {name: a, steps: 1}\n  - {name: a, steps: 2}\n", ["names must be unique"]),
-    ("phases:\n  - {steps: 1}\n", ["phases.0", "missing required key(s): name"]),
+    ("phases:\n  - {name: a}\n  - {name: a}\n", ["names must be unique"]),
+    ("phases:\n  - {kind: pretrain}\n", ["r.yaml:2", "phases.0", "missing required key(s): name"]),
+    ("phases:\n  - {name: a, kind: decay}\n  - {name: b, kind: extension}\n",
+     ["phases out of order: phases.0 ('decay') comes before phases.1 ('extension')"]),
+    ("phases:\n  - {name: a}\n  - {name: b, model: {num_layers: 2}}\n",
+     ["phases.1.model changes the architecture: num_layers"]),
+    ("phases:\n  - {name: a}\n  - {name: b, optimizer: {name: adamw}}\n",
+     ["phases.1 keeps the optimizer state of a stable_adamw optimizer but uses adamw"]),
+    ("phases:\n  - {name: a}\n  - {name: b, train: {objectives: [mlm]}}\n",
+     ["every phase trains the same members"]),
+    ("phases:\n  - {name: a, train: {stepz: 3}}\n", ["phases.0.train.stepz", "Did you mean"]),
+    ("phases: 3\n", ["phases", "expected a list of phases"]),
     ("logging:\n  tensorboard: 1\n", ["logging.tensorboard", "expected bool"]),
     ("train:\n  steps: null\n", ["steps and tokens are both null"]),
     ("train:\n  batch_warmup_tokens: 100\n", ["batch_warmup_tokens=100 needs microbatch_size"]),
@@ -147,8 +214,8 @@ def test_bad_yaml_names_file_key_and_choices(tmp_path, text, expected):
     ("train.steps=abc", ["override 'train.steps=abc'", "train.steps", "expected int"]),
     ("train.steps", ["not of the form dotted.key=value"]),
     ("train..steps=1", ["not of the form dotted.key=value"]),
-    ("phases.2.steps=1", ["indexes a list"]),
-    ("train.steps.x=1", ["train.steps is not a section"]),
+    ("phases.3.name=x", ["indexes a list"]),
+    ("train.seed.x=1", ["train.seed is not a section"]),
     ("model.preset=ettin-1000m", ["override 'model.preset=ettin-1000m'", "ettin-1b"]),
 ])
 def test_bad_overrides_name_the_override(override, expected):
@@ -215,7 +282,7 @@ ETTIN_PHASE_1 = {"17m": (3e-3, 3e-4, 4, 125), "32m": (3e-3, 3e-4, 4, 100),
 
 
 @pytest.mark.parametrize("size", ETTIN_PHASE_1)
-def test_ettin_phase_one_recipes_hold_the_papers_numbers(size):
+def test_ettin_recipes_hold_the_papers_numbers(size):
     recipe = load_recipe(RECIPES / f"ettin-{size}.yaml")
     lr, wd, warmup, batch_warmup = ETTIN_PHASE_1[size]
     assert recipe.model == dataclasses.replace(get_preset(f"ettin-{size}"), dtype="bfloat16")
@@ -231,3 +298,43 @@ def test_ettin_phase_one_recipes_hold_the_papers_numbers(size):
     assert recipe.data.mlm_mask_ratio == 0.30
     # Sized for 64 chips: whole microbatches that split over every chip.
     assert train.microbatch_size % 64 == 0 and 4608 % train.microbatch_size == 0
+    # Phases 2 and 3 (../shared/ettin_reference.md section 2), each from the one before.
+    pretrain, extension, decay = recipe.phases
+    assert (pretrain.name, pretrain.kind, pretrain.train, pretrain.schedule) == \
+        ("pretrain", "pretrain", train, schedule)
+    extension_tokens, decay_tokens = ((83_300_000_000, 16_670_000_000) if size == "1b"
+                                      else (250_000_000_000, 50_000_000_000))
+    for phase, tokens, mask, start, floor in [(extension, extension_tokens, 0.30, 1.0, 0.5),
+                                              (decay, decay_tokens, 0.15, 0.5, 0.02)]:
+        assert (phase.train.tokens, phase.train.seq_len, phase.train.global_batch_size) == \
+            (tokens, 7999, 4608)
+        assert (phase.model.global_rope_theta, phase.data.mlm_mask_ratio) == (160_000.0, mask)
+        assert (phase.schedule.warmup_tokens, phase.schedule.decay, phase.schedule.decay_tokens,
+                phase.schedule.start, phase.schedule.floor) == (0, "1-sqrt", None, start, floor)
+        assert (phase.train.batch_warmup_tokens, phase.optimizer, phase.optimizer_state) == \
+            (0, recipe.optimizer, "keep")
+        assert phase.train.microbatch_size % 64 == 0
+        assert 4608 % phase.train.microbatch_size == 0
+
+
+@pytest.mark.parametrize("size", ETTIN_PHASE_1)
+@pytest.mark.parametrize("direction", ["enc2dec", "dec2enc"])
+def test_cross_objective_recipes_hold_the_papers_schedule(size, direction):
+    recipe = load_recipe(RECIPES / f"ettin-{size}-{direction}.yaml")
+    paired = load_recipe(RECIPES / f"ettin-{size}.yaml")
+    source, objective, mask = (("encoder", "clm", None) if direction == "enc2dec"
+                               else ("decoder", "mlm", 0.15))
+    assert recipe.train.objectives == (objective,) and recipe.phases == ()
+    assert recipe.checkpoint.init_from == f"runs/ettin-{size}/{source}"  # weights only
+    assert recipe.model == paired.phases[-1].model  # the final architecture and RoPE
+    assert recipe.optimizer == paired.optimizer
+    tokens = 16_670_000_000 if size == "1b" else 50_000_000_000
+    assert (recipe.train.tokens, recipe.train.seq_len, recipe.train.global_batch_size) == \
+        (tokens, 7999, 4608)
+    schedule = recipe.schedule
+    # The phase-3 learning rate (0.5x peak) after a 3B warmup; linear over the last 10B to 0.02x.
+    assert (schedule.start, schedule.warmup_tokens, schedule.decay, schedule.decay_tokens,
+            schedule.floor) == (0.5, 3_000_000_000, "linear", 10_000_000_000, 0.02)
+    assert recipe.data.sources == paired.phases[-1].data.sources
+    if mask is not None:
+        assert recipe.data.mlm_mask_ratio == mask

@@ -172,7 +172,7 @@ def test_cli_tokenizer_prepare_inspect_end_to_end(corpus, tmp_path, capsys):
                  "--out", str(tmp_path / "prepared"), "--workers", "1"]) == 0
     assert "prepared 40 documents" in capsys.readouterr().out
 
-    recipe = "recipes/tiny.yaml"
+    recipe = "tests/recipes/tiny-one-phase.yaml"  # bundled sources, no tokenizer
     overrides = [f"data.sources=[{{path: {tmp_path / 'prepared'}}}]", "train.seq_len=48",
                  "train.global_batch_size=4"]
     out = tmp_path / "batches.npz"

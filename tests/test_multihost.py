@@ -21,16 +21,6 @@ COMMON = ["train.seq_len=64", "model.num_layers=2", "logging.every_steps=1",
           "checkpoint.every_steps=1000"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from data_pipelines.corpus import bundled_documents
-    from data_pipelines.tokenizers import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(out, vocab_size=512, texts=[d.text for d in bundled_documents()[:4]])
-    return out
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +28,7 @@ def _free_port() -> int:
 
 
 def _command(run_dir, tokenizer_dir, steps, overrides=(), options=()):
-    return [sys.executable, "-m", "ettin_jax", "train", str(ROOT / "recipes" / "tiny.yaml"),
+    return [sys.executable, "-m", "ettin_jax", "train", str(ROOT / "tests" / "recipes" / "tiny-one-phase.yaml"),
             *COMMON, f"train.steps={steps}", f"data.tokenizer={tokenizer_dir}", *overrides,
             "--run-dir", str(run_dir), "--only", "encoder", *options]
 

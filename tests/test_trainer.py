@@ -28,7 +28,7 @@ from ettin_jax.training.step import make_train_step, sharded_train_step
 from ettin_jax.training.trainer import train_pair
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "recipes" / "tiny.yaml"
+TINY = ROOT / "tests" / "recipes" / "tiny-one-phase.yaml"
 SMALL = ["train.seq_len=64", "train.global_batch_size=8", "logging.every_steps=1",
          "model.num_layers=2"]  # small programs: 8-device SPMD compiles dominate on 2 cores
 
@@ -190,21 +190,16 @@ def test_bad_mesh_batch_and_run_dir(tmp_path):
 # --- end to end, in subprocesses: the CLI as users run it ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from data_pipelines.corpus import bundled_documents
-    from data_pipelines.tokenizers import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(out, vocab_size=512, texts=[d.text for d in bundled_documents()[:4]])
-    return out
-
-
 def _train_command(run_dir, tokenizer_dir, *extra):
-    # Batch-size warmup from 2 to 8 rows: checkpoints fall in the middle of full batches too.
-    return [sys.executable, "-m", "ettin_jax", "train", str(TINY), *SMALL, "train.steps=9",
+    # Two phases: 5 steps with batch-size warmup from 2 to 8 rows (checkpoints fall in the middle
+    # of full batches too), then 4 steps at a longer sequence, 15% masking and a restarted
+    # schedule. Kills land in either phase.
+    phases = ("phases=[{name: a, kind: pretrain, train: {steps: 5}},"
+              " {name: b, kind: decay, train: {steps: 4, seq_len: 96, batch_warmup_tokens: 0},"
+              "  data: {mlm_mask_ratio: 0.15}, schedule: {start: 0.5, decay_tokens: null}}]")
+    return [sys.executable, "-m", "ettin_jax", "train", str(TINY), *SMALL, phases,
             "checkpoint.every_steps=3", "train.microbatch_size=2",
-            "train.batch_warmup_tokens=1200", f"data.tokenizer={tokenizer_dir}", *extra,
+            "train.batch_warmup_tokens=600", f"data.tokenizer={tokenizer_dir}", *extra,
             "--run-dir", str(run_dir), "--only", "encoder", "--cpu-devices", "2"]
 
 
@@ -227,8 +222,9 @@ def test_kill_9_and_sigterm_then_resume_is_bit_identical(tokenizer_dir, tmp_path
     records = read_metrics(reference / "encoder")
     expected = {r["step"]: r["loss"] for r in records}
     assert sorted(expected) == list(range(1, 10))
+    assert [r["phase"] for r in records] == ["a"] * 5 + ["b"] * 4
     rows = [r["batch_rows"] for r in records]
-    assert rows == sorted(rows) and rows[0] == 2 and rows[-1] == 8 and len(set(rows)) >= 3
+    assert rows == sorted(rows) and rows[0] == 2 and rows[4] == 8 and len(set(rows)) >= 3
 
     run = tmp_path / "run"
     process = subprocess.Popen(_train_command(run, tokenizer_dir), env=env,
@@ -236,7 +232,8 @@ def test_kill_9_and_sigterm_then_resume_is_bit_identical(tokenizer_dir, tmp_path
     _wait_for_step(run / "encoder", 5, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    # Same command again: resumes from the last complete checkpoint (step 3 or 6).
+    # Same command again: resumes from the last complete checkpoint (step 3 or 5 of phase a, or
+    # 6 of phase b).
     process = subprocess.Popen(_train_command(run, tokenizer_dir), env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_step(run / "encoder", 7, process)
@@ -308,7 +305,7 @@ def test_weights_only_start_from_the_other_member(tmp_path):
 
     from ettin_jax.models import EttinModel
     from ettin_jax.training.checkpoint import save_weights
-    from ettin_jax.training.trainer import _initial_params
+    from ettin_jax.training.phases import _initial_params
 
     recipe = load_recipe(TINY, SMALL)
     encoder = EttinModel(recipe.model, "mlm", rngs=nnx.Rngs(5))
@@ -353,7 +350,7 @@ def test_resuming_another_model_shape_is_refused(tmp_path):
     recipe = load_recipe(TINY, SMALL + ["train.steps=1", "mesh.data=1", "mesh.fsdp=8"])
     train_member(recipe, "mlm", tmp_path / "encoder", tokenizer=ByteTokenizer())
     wider = load_recipe(TINY, SMALL + ["train.steps=2", "model.intermediate_size=256"])
-    with pytest.raises(CheckpointError, match=r"intermediate_size 192 \(recipe: 256\)"):
+    with pytest.raises(CheckpointError, match=r"intermediate_size 192 \(want 256\)"):
         train_member(wider, "mlm", tmp_path / "encoder", tokenizer=ByteTokenizer())
     with pytest.raises(CheckpointError, match="holds a mlm model, this run trains clm"):
         train_member(recipe, "clm", tmp_path / "encoder", tokenizer=ByteTokenizer())

@@ -79,6 +79,27 @@ def read_gin_file(path: Path) -> dict[str, typing.Any]:
         gin.clear_config()
 
 
+def gin_key_lines(text: str) -> dict[str, int]:
+    """{dotted recipe key: 1-based line} of the bindings in gin text: `train.steps = 3` is
+    "train.steps"; `pretrain/phase.train = {...}` is "phases.<i>.train" for the i-th phase
+    listed in `recipe.phases`."""
+    phase_scopes = re.findall(r"@(\w+)/phase\(\)", "".join(
+        re.findall(r"recipe\.phases\s*=\s*\[[^\]]*\]", text)))
+    lines: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        binding = re.match(r"\s*(?:(\w+)/)?(\w+)\.(\w+)\s*=", line)
+        if not binding:
+            continue
+        scope, name, field = binding.groups()
+        if name == "phase" and scope in phase_scopes:
+            lines[f"phases.{phase_scopes.index(scope)}.{field}"] = number
+        elif scope is None and name in _SECTION_TYPES:
+            lines[f"{name}.{field}"] = number
+        elif scope is None and name == "recipe":
+            lines[field] = number
+    return lines
+
+
 def _with_hint(message: str) -> str:
     unknown_param = re.search(r"Configurable '(\w+)' doesn't have a parameter named '(\w+)'", message)
     if unknown_param and unknown_param.group(1) in _CONFIGURABLES:

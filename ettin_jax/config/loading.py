@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ettin_jax.config.schema import Recipe
+from ettin_jax.config.schema import PhaseConfig, Recipe
 from ettin_jax.errors import ConfigError, did_you_mean
 from ettin_jax.models.config import ModelConfig
 from ettin_jax.models.presets import PRESETS, get_preset
@@ -65,12 +65,13 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     source = "<defaults>" if path is None else str(path)
     raw = {} if path is None else read_recipe_file(Path(path))
+    lines = {} if path is None else _key_lines(Path(path))
     origins: dict[str, str] = {}
     for text in overrides:
         key, value = _parse_override(text)
         _set_path(raw, key, value, text)
         origins[key] = f"override {text!r}"
-    return build_dataclass(Recipe, raw, key="", where=_Where(source, origins))
+    return build_dataclass(Recipe, raw, key="", where=_Where(source, origins, lines))
 
 
 def recipe_from_preset(name: str, overrides: Sequence[str] = ()) -> Recipe:
@@ -105,6 +106,30 @@ def read_recipe_file(path: Path) -> RawTree:
     return raw
 
 
+def _key_lines(path: Path) -> dict[str, int]:
+    """{dotted key: 1-based line} of the keys a recipe file sets, for error messages."""
+    text = path.read_text()
+    if path.suffix == ".gin":
+        from ettin_jax.config.gin_files import gin_key_lines
+
+        return gin_key_lines(text)
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = _join(prefix, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[_join(prefix, str(i))] = item.start_mark.line + 1
+                walk(item, _join(prefix, str(i)))
+
+    walk(yaml.compose(text, Loader=_YamlLoader), "")
+    return lines
+
+
 def recipe_to_dict(recipe: Any) -> RawTree:
     """Plain nested dict/list form of a recipe or one of its sections (what `load_recipe` and
     `dataclass_from_dict` read back to an equal one)."""
@@ -129,31 +154,39 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Where:
-    """Where a raw value came from: the file, unless an override set the key or a parent."""
+    """Where a raw value came from: the file (with the line of the key or its closest parent
+    when known), unless an override set the key or a parent."""
 
     source: str
     origins: Mapping[str, str]
+    lines: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __call__(self, key: str) -> str:
         parts = key.split(".")
-        for n in range(len(parts), 0, -1):
-            origin = self.origins.get(".".join(parts[:n]))
-            if origin:
-                return origin
+        prefixes = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+        for prefix in prefixes:
+            if self.origins.get(prefix):
+                return self.origins[prefix]
+        line = next((self.lines[p] for p in prefixes if p in self.lines), None)
+        source = self.source if line is None else f"{self.source}:{line}"
         # A section-level error may come from overrides of keys inside the section.
         inside = [o for k, o in self.origins.items() if not key or k.startswith(key + ".")]
-        return " + ".join([self.source, *inside])
+        return " + ".join([source, *inside])
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self(key)}: {key or 'recipe'}: {message}")
 
 
-def build_dataclass(cls: type, raw: Any, *, key: str, where: _Where) -> Any:
-    """Validated instance of dataclass `cls` from raw mapping `raw` at dotted `key`."""
+def build_dataclass(cls: type, raw: Any, *, key: str, where: _Where, base: Any = None) -> Any:
+    """Validated instance of dataclass `cls` from raw mapping `raw` at dotted `key`: the fields
+    `raw` gives on top of `base` (an instance of `cls`; None: the defaults), nested sections
+    likewise on top of `base`'s."""
     if isinstance(raw, cls):
         return raw
     if not isinstance(raw, Mapping):
         raise where.error(key, f"expected a mapping of {_type_name(cls)} fields, got {_show(raw)}")
+    if cls is Recipe and "phases" in raw:
+        return _with_phases(raw, key=key, where=where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for name in raw:
@@ -164,10 +197,11 @@ def build_dataclass(cls: type, raw: Any, *, key: str, where: _Where) -> Any:
                 f"Valid keys{' of ' + key if key else ''}: {', '.join(fields)}"
             )
     values = {
-        name: _coerce(hints[name], value, key=_join(key, name), where=where)
+        name: _coerce(hints[name], value, key=_join(key, name), where=where,
+                      base=None if base is None else getattr(base, name))
         for name, value in raw.items()
     }
-    base = _base_instance(cls, values, key, where)
+    base = _base_instance(cls, values, key, where) or base
     if base is None:
         missing = [
             name for name, f in fields.items()
@@ -179,7 +213,31 @@ def build_dataclass(cls: type, raw: Any, *, key: str, where: _Where) -> Any:
     try:
         return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except ValueError as err:
-        raise where.error(key, str(err)) from None
+        # Sections word their errors "<field> must ...": point at that field when it is one.
+        field = str(err).split(" ", 1)[0]
+        raise where.error(_join(key, field) if field in fields else key, str(err)) from None
+
+
+def _with_phases(raw: Mapping[str, Any], *, key: str, where: _Where) -> Recipe:
+    """A recipe whose phases are resolved: each phase's sections on top of the previous
+    phase's, the first's on top of the top-level sections."""
+    recipe = build_dataclass(Recipe, {k: v for k, v in raw.items() if k != "phases"}, key=key,
+                             where=where)
+    items = raw["phases"]
+    if not isinstance(items, (list, tuple)):
+        raise where.error("phases", f"expected a list of phases, got {_show(items)}")
+    previous, phases = recipe.run_phases()[0], []
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping) and "name" not in item:
+            raise where.error(f"phases.{i}", "missing required key(s): name")
+        # Sections carry over from the previous phase; what kind of phase it is does not.
+        base = dataclasses.replace(previous, kind=None, optimizer_state="keep")
+        previous = build_dataclass(PhaseConfig, item, key=f"phases.{i}", where=where, base=base)
+        phases.append(previous)
+    try:
+        return dataclasses.replace(recipe, phases=tuple(phases))
+    except ValueError as err:
+        raise where.error("phases", str(err)) from None
 
 
 def _base_instance(cls: type, values: Mapping[str, Any], key: str, where: _Where) -> Any:
@@ -192,13 +250,13 @@ def _base_instance(cls: type, values: Mapping[str, Any], key: str, where: _Where
     return None
 
 
-def _coerce(tp: Any, value: Any, *, key: str, where: _Where) -> Any:
+def _coerce(tp: Any, value: Any, *, key: str, where: _Where, base: Any = None) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key=key, where=where)
+        return _coerce(inner, value, key=key, where=where, base=base)
     if origin is Literal:
         if value in args and type(value) is type(args[0]):
             return value
@@ -214,7 +272,7 @@ def _coerce(tp: Any, value: Any, *, key: str, where: _Where) -> Any:
             _coerce(args[0], item, key=f"{key}.{i}", where=where) for i, item in enumerate(value)
         )
     if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, key=key, where=where)
+        return build_dataclass(tp, value, key=key, where=where, base=base)
     if tp is bool and isinstance(value, bool):
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):

@@ -16,7 +16,14 @@ import dataclasses
 from typing import Literal
 
 from data_pipelines.config import DataConfig, SourceConfig
-from ettin_jax.models.config import OBJECTIVES, ModelConfig, Objective
+from ettin_jax.models.config import (
+    OBJECTIVES,
+    PHASE_MODEL_FIELDS,
+    RUNTIME_MODEL_FIELDS,
+    ModelConfig,
+    Objective,
+    model_differences,
+)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -106,7 +113,8 @@ class ScheduleConfig:
     """Learning-rate schedule, timed in real (non-pad) tokens.
 
     warmup_stable_decay: linear warmup over warmup_tokens to start x peak, constant, then
-    `decay` ("1-sqrt" or "linear") over the last decay_tokens down to floor x peak.
+    `decay` ("1-sqrt" or "linear") over the last decay_tokens (null: the whole phase) down to
+    floor x peak.
     constant: start x peak throughout. `start` < 1 restarts a new phase at a fraction of the
     peak (Ettin's decay phase: 0.5, with floor 0.02).
     """
@@ -114,13 +122,14 @@ class ScheduleConfig:
     kind: Literal["warmup_stable_decay", "constant"] = "warmup_stable_decay"
     warmup_tokens: int = 0
     decay: Literal["1-sqrt", "linear"] = "1-sqrt"
-    decay_tokens: int = 0
+    decay_tokens: int | None = 0
     floor: float = 0.0
     start: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.warmup_tokens >= 0, f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
-        _require(self.decay_tokens >= 0, f"decay_tokens must be >= 0, got {self.decay_tokens}")
+        _require(self.decay_tokens is None or self.decay_tokens >= 0,
+                 f"decay_tokens must be >= 0 or null, got {self.decay_tokens}")
         _require(0.0 < self.start <= 1.0, f"start must be in (0, 1], got {self.start}")
         _require(0.0 <= self.floor <= self.start,
                  f"floor must be in [0, start={self.start}], got {self.floor}")
@@ -178,22 +187,38 @@ class LoggingConfig:
         _require(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
 
 
+PhaseKind = Literal["pretrain", "extension", "decay"]
+PHASE_KINDS: tuple[str, ...] = ("pretrain", "extension", "decay")  # Ettin's order
+PHASE_SECTIONS: tuple[str, ...] = ("model", "data", "train", "optimizer", "schedule")
+
+
 @dataclasses.dataclass(frozen=True)
 class PhaseConfig:
-    """One training phase (pre-train, context extension, decay); unset fields keep the recipe's."""
+    """One phase of a run (Ettin: pre-train, context extension, decay), fully resolved.
+
+    In a recipe file a phase lists only what changes: its sections start from the previous
+    phase's (the first phase's from the recipe's top-level sections). A phase starts from the
+    previous phase's final checkpoint: the same parameters, the optimizer state kept
+    (`optimizer_state: keep`) or fresh (`reset`), the step count going on; its own data stream,
+    learning-rate schedule, batch-size warmup and budget (train.tokens / train.steps count
+    within the phase).
+
+    kind: which of Ettin's phases this is ("pretrain", "extension", "decay"; null for another
+    kind of phase); named kinds must come in that order.
+    """
 
     name: str
-    steps: int
-    seq_len: int | None = None
-    mlm_mask_ratio: float | None = None
+    kind: PhaseKind | None = None
+    optimizer_state: Literal["keep", "reset"] = "keep"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "name must not be empty")
-        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        _require(self.seq_len is None or self.seq_len >= 2,
-                 f"seq_len must be >= 2, got {self.seq_len}")
-        _require(self.mlm_mask_ratio is None or 0.0 < self.mlm_mask_ratio < 1.0,
-                 f"mlm_mask_ratio must be in (0, 1), got {self.mlm_mask_ratio}")
+        _require(bool(self.name) and "/" not in self.name,
+                 f"name must be a non-empty name without '/', got {self.name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,4 +238,37 @@ class Recipe:
     def __post_init__(self) -> None:
         names = [phase.name for phase in self.phases]
         _require(len(set(names)) == len(names), f"phases: names must be unique, got {names}")
+        kinds = [(i, p.kind) for i, p in enumerate(self.phases) if p.kind is not None]
+        for (i, kind), (j, later) in zip(kinds, kinds[1:]):
+            _require(PHASE_KINDS.index(kind) <= PHASE_KINDS.index(later),
+                     f"phases out of order: phases.{i} ({kind!r}) comes before phases.{j} "
+                     f"({later!r}); Ettin's phases run {' -> '.join(PHASE_KINDS)}")
+        previous = self.phases[0] if self.phases else None
+        for i, phase in enumerate(self.phases):
+            changed = model_differences(phase.model, self.model,
+                                        ignore=PHASE_MODEL_FIELDS + RUNTIME_MODEL_FIELDS)
+            _require(not changed, f"phases.{i}.model changes the architecture: "
+                     f"{', '.join(changed)}; a phase may change only "
+                     f"{', '.join(PHASE_MODEL_FIELDS + RUNTIME_MODEL_FIELDS)}")
+            _require(phase.train.objectives == self.train.objectives,
+                     f"phases.{i}.train.objectives {list(phase.train.objectives)} differs from "
+                     f"train.objectives {list(self.train.objectives)}: every phase trains the "
+                     f"same members")
+            _require(phase.optimizer_state == "reset"
+                     or phase.optimizer.name == previous.optimizer.name,
+                     f"phases.{i} keeps the optimizer state of a {previous.optimizer.name} "
+                     f"optimizer but uses {phase.optimizer.name}; set optimizer_state: reset")
+            previous = phase
 
+    def run_phases(self) -> tuple[PhaseConfig, ...]:
+        """The phases a run goes through: `phases`, or one phase named "main" made of the
+        top-level sections when the recipe lists none."""
+        if self.phases:
+            return self.phases
+        return (PhaseConfig("main", **{name: getattr(self, name) for name in PHASE_SECTIONS}),)
+
+    def phase_recipe(self, phase: PhaseConfig) -> Recipe:
+        """This recipe with `phase`'s sections in place of the top-level ones and no phases:
+        what one phase trains with."""
+        return dataclasses.replace(self, phases=(), **{name: getattr(phase, name)
+                                                       for name in PHASE_SECTIONS})

@@ -14,7 +14,10 @@ from ettin_jax.hf.pretrained import (
     save_pretrained,
 )
 from ettin_jax.models import with_objective
+
+HF_DIR = "hf"  # where `export` puts a member's HuggingFace directory by default
 from ettin_jax.training.checkpoint import (
+    CHECKPOINTS,
     MEMBERS,
     find_members,
     restore_weights,
@@ -23,21 +26,29 @@ from ettin_jax.training.checkpoint import (
 
 
 def export_checkpoint(
-    source: str | Path, out: str | Path, *, step: int | None = None
+    source: str | Path, out: str | Path | None = None, *, step: int | None = None
 ) -> dict[str, ExportReport]:
     """Exports the native checkpoint(s) at `source` as HuggingFace directories.
 
     A run directory gives OUT/encoder and OUT/decoder; a member or step directory gives OUT.
+    Without `out`, each member goes to its own directory's `hf/` (RUN_DIR/encoder/hf, ...).
     Uses the latest complete step unless `step` is given. Returns {member name: report}.
     """
     reports = {}
     for name, member in find_members(source).items():
         restored = restore_weights(member, step=step)
+        target = Path(out) / name if out is not None else _member_dir(member) / HF_DIR
         reports[name] = save_pretrained(
-            restored.model, Path(out) / name, special_tokens=restored.special_tokens,
+            restored.model, target, special_tokens=restored.special_tokens,
             tokenizer_dir=restored.tokenizer_dir,
         )
     return reports
+
+
+def _member_dir(path: Path) -> Path:
+    """The member directory of a member or step directory (MEMBER/checkpoints/<step>)."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == CHECKPOINTS else path
 
 
 def import_pretrained(source: str | Path, out: str | Path) -> Path:

@@ -14,20 +14,23 @@ Ettin's flash-attn training used (w, 0) for the decoder, one key more; we pick H
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from ettin_jax.errors import did_you_mean
 from pallas_kernels.flash_attention import (
     Window,
     flash_attention,
+    is_visible,
     reference_attention,
     visibility_mask,
 )
+from pallas_kernels.flash_attention.reference import masked_attention
 from pallas_kernels.partitioning import ShardedOver
 
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "cudnn")
 
-__all__ = ["IMPLEMENTATIONS", "Window", "dot_product_attention", "local_window",
-           "visibility_mask"]
+__all__ = ["IMPLEMENTATIONS", "Window", "cached_attention", "dot_product_attention",
+           "local_window", "visibility_mask"]
 
 
 def local_window(local_attention: int, *, causal: bool) -> Window:
@@ -68,6 +71,30 @@ def dot_product_attention(
         f"unknown attention implementation {impl!r}.{did_you_mean(impl, IMPLEMENTATIONS)} "
         f"Valid: {', '.join(IMPLEMENTATIONS)}"
     )
+
+
+def cached_attention(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    start: jax.Array | int,
+    *,
+    window: Window | None,
+) -> jax.Array:
+    """Causal attention of new queries over a key/value cache (incremental decoding).
+
+    q [B, T, heads, head_dim] holds the queries of positions start .. start+T-1 of one
+    document (no padding); keys, values [B, M, heads, head_dim] hold that document's keys and
+    values at positions 0 .. start+T-1 (later slots are never read). Visibility is the
+    decoder's `is_visible` (causal, `window` on local layers), numerics those of the "xla"
+    implementation. Returns [B, T, heads, head_dim] in values' dtype.
+    """
+    query_index = start + jnp.arange(q.shape[1], dtype=jnp.int32)
+    key_index = jnp.arange(keys.shape[1], dtype=jnp.int32)
+    one_document = jnp.ones((), jnp.int32)
+    mask = is_visible(query_index[:, None], key_index[None, :], one_document, one_document,
+                      causal=True, window=window)
+    return masked_attention(q, keys, values, mask)
 
 
 def _cudnn_attention(q, k, v, segment_ids, *, causal, window):

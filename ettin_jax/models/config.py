@@ -14,6 +14,13 @@ OBJECTIVES: tuple[str, ...] = ("mlm", "clm")
 
 AttentionImpl = Literal["xla", "pallas", "cudnn"]
 DType = Literal["float32", "bfloat16", "float16"]
+# Fields that change how a model runs, not what its weights are: a checkpoint saved with one
+# value resumes with another.
+RUNTIME_MODEL_FIELDS: tuple[str, ...] = ("preset", "attention_impl", "dtype")
+# Fields a new training phase (or a weights-only start) may change on trained weights: the RoPE
+# bases (context extension) and dropout.
+PHASE_MODEL_FIELDS: tuple[str, ...] = ("global_rope_theta", "local_rope_theta",
+                                       "attention_output_dropout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,3 +120,12 @@ class ModelConfig:
         return tuple(
             "global" if self.is_global_layer(i) else "local" for i in range(self.num_layers)
         )
+
+
+def model_differences(have: ModelConfig, want: ModelConfig, *,
+                      ignore: tuple[str, ...] = RUNTIME_MODEL_FIELDS) -> list[str]:
+    """"field have (want: value)" for every field but `ignore` where the configs differ:
+    empty when weights of `have` can be used as `want`."""
+    return [f"{f.name} {getattr(have, f.name)!r} (want {getattr(want, f.name)!r})"
+            for f in dataclasses.fields(ModelConfig)
+            if f.name not in ignore and getattr(have, f.name) != getattr(want, f.name)]

@@ -15,17 +15,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ettin_jax.models.attention import dot_product_attention, local_window
+from ettin_jax.models.attention import cached_attention, dot_product_attention, local_window
 from ettin_jax.models.config import ModelConfig
-from ettin_jax.models.rope import apply_rope
+from ettin_jax.models.rope import apply_rope, rope_tables
 from pallas_kernels.partitioning import ShardedOver
 
 RopeTables = dict[str, tuple[jax.Array, jax.Array]]
+Extra = TypeVar("Extra")
+
+
+def rope_by_kind(config: ModelConfig, positions: jax.Array) -> RopeTables:
+    """RoPE tables for positions [B, S] of both layer kinds: "global" from global_rope_theta,
+    "local" from local_rope_theta (each layer picks its kind's)."""
+    return {
+        "global": rope_tables(positions, config.head_dim, config.global_rope_theta),
+        "local": rope_tables(positions, config.head_dim, config.local_rope_theta),
+    }
 
 
 def _logical(init: Callable, *axes: str | None) -> Callable:
@@ -109,17 +120,40 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: RopeTables, segment_ids: jax.Array, *,
                  deterministic: bool, dropout_rng: jax.Array | None) -> jax.Array:
+        q, k, v = self._project(x, rope)
+        out = dot_product_attention(
+            q, k, v, segment_ids, causal=self.causal, window=self.window,
+            impl=self.impl, sharded_over=self.sharded_over,
+        )
+        return self.out_drop(self._output(out), deterministic=deterministic, rngs=dropout_rng)
+
+    def decode(self, x: jax.Array, rope: RopeTables, keys: jax.Array, values: jax.Array,
+               start: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`__call__` (deterministic) for new tokens of one causal document, with a KV cache.
+
+        x [B, T, hidden] are the tokens at positions start .. start+T-1, `rope` their tables;
+        keys, values [B, M, heads, head_dim] hold the document's earlier positions. Returns the
+        output [B, T, hidden] and the buffers with this step's keys and values written at
+        start .. start+T-1. Raises ValueError for a bidirectional (encoder) layer.
+        """
+        if not self.causal:
+            raise ValueError("cached decoding needs a causal (decoder) attention layer")
+        q, k, v = self._project(x, rope)
+        keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), start, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), start, axis=1)
+        out = cached_attention(q, keys, values, start, window=self.window)
+        return self._output(out), (keys, values)
+
+    def _project(self, x: jax.Array, rope: RopeTables) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k (rotated by this layer's kind of RoPE) and v, each [B, S, heads, head_dim]."""
         batch, seq, _ = x.shape
         qkv = self.Wqkv(x).reshape(batch, seq, 3, self.num_heads, self.head_dim)
         cos, sin = rope[self.kind]
-        q = apply_rope(qkv[:, :, 0], cos, sin)
-        k = apply_rope(qkv[:, :, 1], cos, sin)
-        out = dot_product_attention(
-            q, k, qkv[:, :, 2], segment_ids, causal=self.causal, window=self.window,
-            impl=self.impl, sharded_over=self.sharded_over,
-        )
-        out = self.Wo(out.reshape(batch, seq, self.num_heads * self.head_dim))
-        return self.out_drop(out, deterministic=deterministic, rngs=dropout_rng)
+        return apply_rope(qkv[:, :, 0], cos, sin), apply_rope(qkv[:, :, 1], cos, sin), qkv[:, :, 2]
+
+    def _output(self, heads: jax.Array) -> jax.Array:
+        """Wo of the attention output [B, S, heads, head_dim] -> [B, S, hidden]."""
+        return self.Wo(heads.reshape(heads.shape[:2] + (self.num_heads * self.head_dim,)))
 
 
 class GeGLU(nnx.Module):
@@ -151,11 +185,20 @@ class TransformerBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: RopeTables, segment_ids: jax.Array, *,
                  deterministic: bool, dropout_rng: jax.Array | None) -> jax.Array:
+        out, _ = self.with_attention(x, lambda h: (self.attn(
+            h, rope, segment_ids, deterministic=deterministic, dropout_rng=dropout_rng), None))
+        return out
+
+    def with_attention(
+        self, x: jax.Array, attend: Callable[[jax.Array], tuple[jax.Array, Extra]]
+    ) -> tuple[jax.Array, Extra]:
+        """The block with `attend` in place of a plain `self.attn` call (cached decoding uses
+        `self.attn.decode`): attend(attn_norm(x)) returns (attention output, extra); returns
+        (block output, extra)."""
         attn_in = x if self.attn_norm is None else self.attn_norm(x)
-        x = x + self.attn(
-            attn_in, rope, segment_ids, deterministic=deterministic, dropout_rng=dropout_rng
-        )
-        return x + self.mlp(self.mlp_norm(x))
+        attn_out, extra = attend(attn_in)
+        x = x + attn_out
+        return x + self.mlp(self.mlp_norm(x)), extra
 
 
 class PredictionHead(nnx.Module):

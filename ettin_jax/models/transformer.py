@@ -26,9 +26,10 @@ from ettin_jax.models.layers import (
     PredictionHead,
     TransformerBlock,
     layer_norm,
+    rope_by_kind,
     vocab_bias,
 )
-from ettin_jax.models.rope import document_positions, rope_tables
+from ettin_jax.models.rope import document_positions
 from pallas_kernels.partitioning import ShardedOver
 
 ParamPath = tuple[str | int, ...]
@@ -93,11 +94,7 @@ class EttinModel(nnx.Module):
             positions = document_positions(segment_ids)
         if not deterministic and dropout_rng is None and self.config.attention_output_dropout > 0:
             raise ValueError("deterministic=False needs a dropout_rng key")
-        cfg = self.config
-        rope = {
-            "global": rope_tables(positions, cfg.head_dim, cfg.global_rope_theta),
-            "local": rope_tables(positions, cfg.head_dim, cfg.local_rope_theta),
-        }
+        rope = rope_by_kind(self.config, positions)
         hidden = self.embeddings(input_ids)
         for index, block in enumerate(self.layers):
             layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)

@@ -5,8 +5,9 @@
         params/                       the model's parameters (nnx pure dict)
         meta/                         JSON: format version, objective, model config, special tokens
         train/                        (training) optimizer state and counters
-        progress/                     (training) JSON: tokens seen, data iterator state
+        progress/                     (training) JSON: phase, tokens seen, data iterator state
         recipe/                       (training) JSON: the resolved recipe
+        PHASE_END                     (training) when the step ended a phase: its name
       tokenizer/                    tokenizer files (optional), shared by every step
 
 Orbax writes each step to a temporary directory and renames it when complete, so a step that
@@ -21,8 +22,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from data_pipelines.special_tokens import SpecialTokens
 from data_pipelines.tokenizer_files import copy_tokenizer_files
@@ -30,11 +33,12 @@ from ettin_jax.config.loading import dataclass_from_dict, recipe_to_dict
 from ettin_jax.config.schema import CheckpointConfig
 from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models import EttinModel, ModelConfig
-from ettin_jax.models.config import OBJECTIVES, Objective
+from ettin_jax.models.config import OBJECTIVES, Objective, model_differences
 from ettin_jax.training.state import TrainState
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer"
+PHASE_END = "PHASE_END"  # in a step directory: the step ended the phase the file names
 FORMAT_VERSION = 1
 MEMBERS: dict[str, Objective] = {"encoder": "mlm", "decoder": "clm"}
 
@@ -108,6 +112,17 @@ def restore_weights(path: str | Path, *, step: int | None = None) -> RestoredWei
                            step, step_dir)
 
 
+def restore_progress(member_dir: str | Path, step: int) -> dict:
+    """The `progress` item of training checkpoint `step` (phase, tokens, data state); {} for a
+    checkpoint written by `save_weights` (import, convert)."""
+    member_dir = Path(member_dir).absolute()
+    if not (member_dir / CHECKPOINTS / str(step) / "progress").is_dir():
+        return {}
+    with ocp.CheckpointManager(member_dir / CHECKPOINTS) as manager:
+        return manager.restore(step, args=ocp.args.Composite(
+            progress=ocp.args.JsonRestore()))["progress"]
+
+
 def find_members(path: str | Path) -> dict[str, Path]:
     """The checkpoints under `path`: {"encoder": dir, "decoder": dir} for a run directory, or
     {"": path} for a member or step directory. Raises CheckpointError when there are none."""
@@ -166,17 +181,32 @@ def _read_meta(meta: Any, step_dir: Path) -> tuple[ModelConfig, Objective, Speci
     return config, meta["objective"], special_tokens
 
 
+@dataclasses.dataclass
+class _PhaseEnds(preservation_policy.PreservationPolicy):
+    """Keeps every step that ended a phase (marked by a PHASE_END file in its directory)."""
+
+    directory: Path
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [(self.directory / str(c.step) / PHASE_END).is_file() for c in checkpoints]
+
+
 class TrainCheckpointer:
     """Checkpoints of a training run of one member: async saves every `every_steps`, the last
-    `keep` kept (and every `keep_every`-th step forever), exact restore onto any mesh.
+    `keep` kept, every `keep_every`-th step and the last step of every phase kept forever,
+    exact restore onto any mesh.
 
     Only complete steps are ever listed or restored (orbax finalizes a step by renaming it).
     """
 
     def __init__(self, member_dir: str | Path, config: CheckpointConfig):
         self.member_dir = Path(member_dir).absolute()
+        policies = [preservation_policy.LatestN(config.keep),
+                    _PhaseEnds(self.member_dir / CHECKPOINTS)]
+        if config.keep_every:
+            policies.append(preservation_policy.EveryNSteps(config.keep_every))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep, keep_period=config.keep_every,
+            preservation_policy=preservation_policy.AnyPreservationPolicy(policies),
             enable_async_checkpointing=True, create=True,
         )
         self._manager = ocp.CheckpointManager(self.member_dir / CHECKPOINTS, options=options)
@@ -205,10 +235,7 @@ class TrainCheckpointer:
         if saved_objective != objective:
             raise CheckpointError(f"{where} holds a {saved_objective} model, this run trains "
                                   f"{objective}")
-        differ = [f"{f.name} {getattr(saved, f.name)!r} (recipe: {getattr(config, f.name)!r})"
-                  for f in dataclasses.fields(config)
-                  if f.name not in ("preset", "attention_impl", "dtype")
-                  and getattr(saved, f.name) != getattr(config, f.name)]
+        differ = model_differences(saved, config)
         if differ:
             raise CheckpointError(f"{where} holds another model shape: {', '.join(differ)}")
 
@@ -225,6 +252,13 @@ class TrainCheckpointer:
                            opt_state=train["opt_state"], skipped=train["skipped"],
                            nonfinite_streak=train["nonfinite_streak"])
         return state, restored["progress"], restored["recipe"]
+
+    def mark_phase_end(self, step: int, phase: str) -> None:
+        """Waits for step `step` to be written and marks it as the end of `phase`: it is kept
+        forever (the next phase starts from it; a released intermediate model)."""
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            (self.member_dir / CHECKPOINTS / str(step) / PHASE_END).write_text(phase + "\n")
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""

@@ -28,8 +28,10 @@ class MetricsLog:
         self._events = None
         if enabled:
             member_dir.mkdir(parents=True, exist_ok=True)
-            kept = [line for line in _lines(self.path) if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(kept))
+            kept = [r for r in read_metrics(member_dir) if r["step"] <= resume_step]
+            partial = self.path.with_suffix(".partial")
+            partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            partial.replace(self.path)  # a kill now leaves the old file or the new one
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
@@ -61,15 +63,35 @@ class MetricsLog:
         self._bar.close()
 
 
-def _lines(path: Path) -> list[str]:
-    if not path.is_file():
-        return []
-    return [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
+def read_metrics_file(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Parses a metrics.jsonl file, tolerating damage.
+
+    Returns (records, skipped): records in file order, each a JSON object with a numeric "step";
+    skipped counts the non-blank lines that are not (a truncated last line from a killed
+    process, or any other garbage). Raises FileNotFoundError when `path` does not exist.
+    """
+    records, skipped = [], 0
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, (int, float)) and not isinstance(step, bool):
+            records.append(record)
+        else:
+            skipped += 1
+    return records, skipped
 
 
 def read_metrics(member_dir: Path) -> list[dict[str, Any]]:
-    """The records of MEMBER_DIR/metrics.jsonl."""
-    return [json.loads(line) for line in _lines(member_dir / METRICS_FILE)]
+    """The records of MEMBER_DIR/metrics.jsonl (none when it does not exist), damaged lines
+    left out."""
+    path = member_dir / METRICS_FILE
+    return read_metrics_file(path)[0] if path.is_file() else []
 
 
 # Dense bf16 peak FLOP/s per chip, by a substring of jax's device_kind.

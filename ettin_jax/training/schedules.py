@@ -2,7 +2,8 @@
 rate, and the batch size during batch-size warmup.
 
 Learning rate, warmup_stable_decay: linear warmup from 0 over `warmup_tokens` to `start` x peak,
-then constant, then over the last `decay_tokens` of the phase a decay to `floor` x peak:
+then constant, then over the last `decay_tokens` of the phase (null: all of it) a decay to
+`floor` x peak:
     1-sqrt: f = floor + (start - floor) * (1 - sqrt(progress))
     linear: f = floor + (start - floor) * (1 - progress)
 constant: `start` x peak throughout. `start` < 1 is Ettin's restart at a fraction of the peak for
@@ -29,7 +30,8 @@ def learning_rate_schedule(
     if config.kind == "constant":
         return lambda tokens: jnp.full((), peak * start, jnp.float32)
     warmup = float(config.warmup_tokens)
-    decay = float(min(config.decay_tokens, total_tokens))
+    decay = float(total_tokens if config.decay_tokens is None
+                  else min(config.decay_tokens, total_tokens))
     decay_start = float(total_tokens) - decay
 
     def schedule(tokens):

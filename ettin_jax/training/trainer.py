@@ -10,8 +10,8 @@ SIGTERM (preemption) stops at the next step boundary after saving.
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -20,36 +20,31 @@ from jax.experimental import multihost_utils
 
 from data_pipelines.microbatches import MicrobatchQueue
 from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
-from ettin_jax.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
-from ettin_jax.errors import CheckpointError, ConfigError
+from ettin_jax.config import Recipe, recipe_to_dict
+from ettin_jax.errors import ConfigError
 from ettin_jax.models.config import Objective
 from ettin_jax.models.describe import training_flops_per_token
-from ettin_jax.training.checkpoint import (
-    MEMBERS,
-    TOKENIZER,
-    TrainCheckpointer,
-    checkpoint_meta,
-    restore_weights,
-)
+from ettin_jax.training.checkpoint import MEMBERS, TOKENIZER, TrainCheckpointer, checkpoint_meta
 from ettin_jax.training.distributed import merged_across_processes
-from ettin_jax.training.mesh import batch_sharding, compute_sharding, make_mesh
-from ettin_jax.training.metrics import MetricsLog, peak_flops
+from ettin_jax.training.evaluation import make_evaluator
+from ettin_jax.training.mesh import batch_sharding, make_mesh
+from ettin_jax.training.metrics import MetricsLog, peak_flops, read_metrics
 from ettin_jax.training.optimizer import make_optimizer
+from ettin_jax.training.phases import (
+    Position,
+    next_phase,
+    phase_done,
+    recipe_members,
+    starting_position,
+)
+from ettin_jax.training.run_dir import claim_run_dir
 from ettin_jax.training.schedules import (
     batch_size_schedule,
     learning_rate_schedule,
     schedule_tokens,
 )
-from ettin_jax.training.state import (
-    abstract_state,
-    init_state,
-    init_state_shardings,
-    model_graph,
-)
-from ettin_jax.training.step import SparseHead, make_eval_step, sharded_train_step
-
-RECIPE_FILE = "recipe.yaml"
-
+from ettin_jax.training.state import init_state_shardings
+from ettin_jax.training.step import sharded_train_step
 
 @dataclasses.dataclass(frozen=True)
 class MemberResult:
@@ -101,17 +96,19 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_pair(recipe: Recipe, run_dir: str | Path, *,
-               only: str | None = None) -> dict[str, MemberResult]:
+def train_pair(recipe: Recipe, run_dir: str | Path, *, only: str | None = None,
+               force: bool = False) -> dict[str, MemberResult]:
     """Trains the recipe's members (train.objectives, or `only` "encoder"/"decoder") into
-    RUN_DIR/<member>. Writes RUN_DIR/recipe.yaml; refuses a run dir holding another recipe."""
+    RUN_DIR/<member>, each through every phase. Writes RUN_DIR/recipe.yaml; refuses a run dir
+    holding another recipe unless the change is resume-compatible or `force`
+    (`ettin_jax.training.run_dir`)."""
     run_dir = Path(run_dir)
-    _claim_run_dir(run_dir, recipe)
-    members = [m for m, objective in MEMBERS.items() if objective in recipe.train.objectives]
-    if only is not None:
-        if only not in MEMBERS:
-            raise ConfigError(f"--only must be one of {', '.join(MEMBERS)}, got {only!r}")
-        members = [only]
+    members = recipe_members(recipe, only)
+    changes = claim_run_dir(run_dir, recipe, force=force)
+    if changes and jax.process_index() == 0:
+        print(f"{run_dir}: continuing with changed "
+              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+              file=sys.stderr)
     tokenizer = load_data_tokenizer(recipe.data)
     results = {}
     with _Preemption() as preemption:
@@ -125,67 +122,85 @@ def train_pair(recipe: Recipe, run_dir: str | Path, *,
 
 def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, tokenizer,
                  preemption: _Preemption | None = None) -> MemberResult:
-    """Trains one member until train.steps or train.tokens, resuming from member_dir's latest
-    complete checkpoint."""
-    train, data = recipe.train, recipe.data
+    """Trains one member through the recipe's phases (one phase when it lists none), each
+    until its train.steps or train.tokens, resuming from member_dir's latest complete
+    checkpoint in the phase and step it was written at."""
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size "
                           f"is {recipe.model.vocab_size}")
-
-    # Mesh and optimizer.
+    phases = recipe.run_phases()
     mesh = make_mesh(recipe.mesh)
-    rows = batch_sharding(mesh)
-    _check_batch(recipe, mesh)
-    optimizer = make_optimizer(recipe.optimizer)
-
-    # State: resume, start from other weights, or initialise.
     checkpoints = TrainCheckpointer(member_dir, recipe.checkpoint)
-    tokens, data_state = 0, None
-    resume_step = checkpoints.latest_step()
-    if resume_step is None:
-        state, shardings = init_state(recipe.model, objective, optimizer, mesh, seed=train.seed,
-                                      params=_initial_params(recipe, objective))
-    else:  # restored straight into its shards: no initialisation to throw away
-        checkpoints.check_compatible(resume_step, recipe.model, objective)
-        shardings = init_state_shardings(recipe.model, objective, optimizer, mesh)
-        target = abstract_state(shardings, recipe.model, objective, optimizer)
-        state, progress, _ = checkpoints.restore(resume_step, target)
-        tokens, data_state = progress["tokens"], progress["data"]
-    step_fn = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh,
+    try:
+        position = starting_position(recipe, objective, mesh, checkpoints)
+        logged = read_metrics(member_dir)  # a finished run reports its last logged loss
+        result = MemberResult(member_dir.name, int(position.state.step), position.tokens,
+                              logged[-1]["loss"] if logged else None)
+        while position.phase < len(phases):
+            position, result = _train_phase(recipe, position, objective, member_dir, mesh,
+                                            checkpoints, tokenizer=tokenizer,
+                                            preemption=preemption)
+            if result.stopped:
+                break
+    finally:
+        checkpoints.close()
+    return result
+
+
+def _train_phase(recipe: Recipe, position: Position, objective: Objective, member_dir: Path,
+                 mesh, checkpoints: TrainCheckpointer, *, tokenizer,
+                 preemption: _Preemption | None) -> tuple[Position, MemberResult]:
+    """Runs phase `position.phase` from `position` to its end (-> the next phase's start) or
+    until it stops early (preemption, divergence)."""
+    index = position.phase
+    phase = recipe.run_phases()[index]
+    phase_recipe = recipe.phase_recipe(phase)
+    train, data = phase.train, phase.data
+    rows = batch_sharding(mesh)
+    _check_batch(phase_recipe, mesh)
+    optimizer = make_optimizer(phase.optimizer)
+    shardings = init_state_shardings(phase.model, objective, optimizer, mesh)
+    state = position.state
+    step_fn = sharded_train_step(phase.model, objective, optimizer, shardings, mesh,
                                  seed=train.seed, microbatch_size=train.microbatch_size,
                                  mlm_mask_ratio=data.mlm_mask_ratio)
 
-    # Data: the same rows for both members; this process builds its own rows only. The queue
-    # cuts full batches into the microbatches that batch-size warmup asks for.
+    # Data: the same rows for both members; this process builds its own rows only; each phase
+    # its own stream (seed + phase index: a phase reading its predecessor's sources does not
+    # replay them). The queue cuts full batches into the microbatches batch-size warmup asks for.
     batches = make_batch_iterator(
-        data, seq_len=train.seq_len, global_batch_size=train.global_batch_size, seed=train.seed,
-        objective=objective, tokenizer=tokenizer, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        data, seq_len=train.seq_len, global_batch_size=train.global_batch_size,
+        seed=train.seed + index, objective=objective, tokenizer=tokenizer,
+        process_index=jax.process_index(), process_count=jax.process_count())
     microbatch = train.microbatch_size or train.global_batch_size
     queue = MicrobatchQueue(batches, train.global_batch_size // microbatch)
-    if data_state is not None:
-        queue.set_state(data_state)
+    if position.data_state is not None:
+        queue.set_state(position.data_state)
     if jax.process_index() == 0 and not (member_dir / TOKENIZER).is_dir():
         tokenizer.save(member_dir / TOKENIZER)
 
-    # Schedules, metrics, evaluation.
-    learning_rate = learning_rate_schedule(recipe.schedule, peak=recipe.optimizer.learning_rate,
+    # Schedules, metrics, evaluation: timed in the phase's real tokens.
+    learning_rate = learning_rate_schedule(phase.schedule, peak=phase.optimizer.learning_rate,
                                            total_tokens=schedule_tokens(train))
     batch_rows = batch_size_schedule(train)
-    flops_per_token = training_flops_per_token(recipe.model, objective, seq_len=train.seq_len,
+    flops_per_token = training_flops_per_token(phase.model, objective, seq_len=train.seq_len,
                                                mlm_mask_ratio=data.mlm_mask_ratio)["total"]
-    meta = checkpoint_meta(recipe.model, objective, tokenizer.special_tokens)
+    meta = checkpoint_meta(phase.model, objective, tokenizer.special_tokens)
     recipe_dict = recipe_to_dict(recipe)
-    step = int(state.step)
-    log = MetricsLog(member_dir, resume_step=step, desc=member_dir.name,
-                     progress=(train.steps, step) if train.steps else (train.tokens, tokens),
+    step, phase_step = int(state.step), position.phase_step
+    tokens, phase_tokens = position.tokens, position.phase_tokens
+    label = member_dir.name if phase.name == "main" else f"{member_dir.name} {phase.name}"
+    log = MetricsLog(member_dir, resume_step=step, desc=label,
+                     progress=(train.steps, phase_step) if train.steps else (train.tokens,
+                                                                             phase_tokens),
                      enabled=jax.process_index() == 0, tensorboard=recipe.logging.tensorboard)
     peak = peak_flops(jax.devices()[0].device_kind)
-    evaluate = _make_evaluator(recipe, objective, tokenizer, mesh, shardings.params)
+    evaluate = (make_evaluator(phase_recipe, objective, tokenizer, mesh, shardings.params,
+                               batches=recipe.logging.eval_batches)
+                if recipe.logging.eval_every_steps else None)
 
     def finished() -> bool:
-        return ((train.steps is not None and step >= train.steps)
-                or (train.tokens is not None and tokens >= train.tokens))
+        return phase_done(phase, Position(index, state, phase_step, phase_tokens))
 
     def load_batch(global_rows: int):
         """The next batch of `global_rows` rows, and the data state just after it (what a
@@ -199,17 +214,19 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
     upcoming = None
     try:
         while not finished():
-            size = batch_rows(tokens)
+            size = batch_rows(phase_tokens)
             batch, data_state = upcoming if upcoming is not None else load_batch(size)
-            state, metrics = step_fn(state, batch, float(learning_rate(tokens)))
+            state, metrics = step_fn(state, batch, float(learning_rate(phase_tokens)))
             step += 1
+            phase_step += 1
             # Build the next batch while the device computes this step, when its size is
             # already known: batches only grow, so a full batch is followed by full ones.
-            prefetch = size == train.global_batch_size and step != train.steps
+            prefetch = size == train.global_batch_size and phase_step != train.steps
             upcoming = load_batch(size) if prefetch else None
             metrics = jax.device_get(metrics)
             real = int(metrics["real_tokens"])
             tokens += real
+            phase_tokens += real
             loss = float(metrics["loss"])
             now = time.perf_counter()
             last = finished()
@@ -217,11 +234,12 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
             due_eval = bool(every_eval) and (step % every_eval == 0 or last)
             if step % recipe.logging.every_steps == 0 or last or due_eval:
                 seconds = now - last_time
-                record = {"step": step, "loss": loss, "accuracy": float(metrics["accuracy"]),
+                record = {"step": step, "phase": phase.name, "loss": loss,
+                          "accuracy": float(metrics["accuracy"]),
                           "learning_rate": float(metrics["learning_rate"]),
                           "grad_norm": float(metrics["grad_norm"]), "tokens": tokens,
-                          "batch_rows": size, "tokens_per_s": real / seconds,
-                          "step_time_s": seconds,
+                          "phase_tokens": phase_tokens, "batch_rows": size,
+                          "tokens_per_s": real / seconds, "step_time_s": seconds,
                           "flops_per_s": flops_per_token * real / seconds,
                           "skipped": int(metrics["skipped"])}
                 if peak is not None:
@@ -243,60 +261,19 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
             elif preemption is not None and preemption.reached(step):
                 stopped = f"preempted (SIGTERM) at step {step}"
             if step % recipe.checkpoint.every_steps == 0 or last or stopped:
-                progress = {"tokens": tokens, "data": merged_across_processes(data_state)}
+                progress = {"phase": index, "phase_name": phase.name, "phase_step": phase_step,
+                            "phase_tokens": phase_tokens, "tokens": tokens,
+                            "data": merged_across_processes(data_state)}
                 checkpoints.save(step, state, meta=meta, recipe=recipe_dict, progress=progress)
+                if last and not stopped:
+                    checkpoints.mark_phase_end(step, phase.name)
             if stopped:
                 break
     finally:
-        checkpoints.close()
         log.close()
-    return MemberResult(member_dir.name, step, tokens, loss, stopped, failed)
-
-
-def _make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params_sharding):
-    """evaluate(params) -> {eval_loss, eval_perplexity, eval_accuracy} on the same
-    logging.eval_batches held-out batches every time (built once; fixed masks)."""
-    if not recipe.logging.eval_every_steps:
-        return lambda params: {}
-    train = recipe.train
-    heldout = dataclasses.replace(recipe.data, sources=recipe.data.heldout)
-    batches = make_batch_iterator(
-        heldout, seq_len=train.seq_len, global_batch_size=train.global_batch_size,
-        seed=train.seed, objective=objective, tokenizer=tokenizer,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    rows = batch_sharding(mesh)
-    fixed = [{k: jax.make_array_from_process_local_data(rows, v) for k, v in next(batches).items()}
-             for _ in range(recipe.logging.eval_batches)]
-    sparse_head = SparseHead(recipe.data.mlm_mask_ratio, mesh) if objective == "mlm" else None
-    step = jax.jit(make_eval_step(model_graph(recipe.model, objective, mesh),
-                                  microbatch_size=train.microbatch_size,
-                                  compute_shardings=jax.tree.map(compute_sharding,
-                                                                 params_sharding),
-                                  sparse_head=sparse_head),
-                   in_shardings=(params_sharding, rows))
-
-    def evaluate(params) -> dict[str, float]:
-        sums = [jax.device_get(step(params, batch)) for batch in fixed]
-        targets = max(sum(float(s["targets"]) for s in sums), 1.0)
-        loss = sum(float(s["loss_sum"]) for s in sums) / targets
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
-                "eval_accuracy": sum(float(s["correct"]) for s in sums) / targets}
-
-    return evaluate
-
-
-def _initial_params(recipe: Recipe, objective: Objective):
-    """Weights of checkpoint.init_from (weights-only restore), or None for a fresh init."""
-    if recipe.checkpoint.init_from is None:
-        return None
-    restored = restore_weights(recipe.checkpoint.init_from)
-    source = restored.model.config
-    if dataclasses.replace(source, preset=None) != dataclasses.replace(recipe.model, preset=None):
-        raise CheckpointError(f"checkpoint.init_from {recipe.checkpoint.init_from} holds another "
-                              f"architecture than model.* of the recipe")
-    from flax import nnx
-
-    return nnx.to_pure_dict(nnx.state(restored.model))
+    result = MemberResult(member_dir.name, step, tokens, loss, stopped, failed)
+    here = Position(index, state, phase_step, phase_tokens, tokens)
+    return (here if stopped else next_phase(recipe, here, objective, mesh)), result
 
 
 def _check_batch(recipe: Recipe, mesh) -> None:
@@ -311,19 +288,3 @@ def _check_batch(recipe: Recipe, mesh) -> None:
     if train.global_batch_size % jax.process_count():
         raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible "
                           f"by the {jax.process_count()} processes")
-
-
-def _claim_run_dir(run_dir: Path, recipe: Recipe) -> None:
-    """Writes RUN_DIR/recipe.yaml, or checks that the one there is this recipe."""
-    path = run_dir / RECIPE_FILE
-    if path.is_file():
-        existing = load_recipe(path)
-        if existing != recipe:
-            raise ConfigError(f"{run_dir} holds a run of another recipe ({path}); use another "
-                              f"--run-dir or the same recipe to resume")
-        return
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(recipe_to_yaml(recipe))
-
-

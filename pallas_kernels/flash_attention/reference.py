@@ -30,6 +30,19 @@ def reference_attention(
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     mask = visibility_mask(segment_ids, causal=causal, window=window)
+    return masked_attention(q, k, v, mask, scale=scale)
+
+
+def masked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float | None = None
+) -> jax.Array:
+    """Softmax attention of queries q [B, Sq, H, D] over keys and values k, v [B, Sk, H, D],
+    where bool `mask` (broadcasting to [B, H, Sq, Sk]) says which keys each query sees.
+
+    The numerics of `reference_attention` (which is this under `visibility_mask`): fp32 scores
+    and softmax, scale 1/sqrt(D) by default. Returns [B, Sq, H, D] in v's dtype, zero for
+    queries that see no key.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     # A finite floor (not -inf) keeps rows with no visible key NaN-free; they are zeroed below.

@@ -1,0 +1,84 @@
+"""Held-out evaluation: loss, perplexity and accuracy (MLM: of the masked tokens; CLM: of the
+next token) on fixed held-out batches, during training and for `ettin-jax eval RUN_DIR`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from data_pipelines.pipeline import make_batch_iterator
+from data_pipelines.tokenizers import load_tokenizer
+from ettin_jax.config import Recipe, load_recipe
+from ettin_jax.models.config import Objective
+from ettin_jax.training.checkpoint import MEMBERS, find_members, restore_progress, restore_weights
+from ettin_jax.training.mesh import batch_sharding, compute_sharding, make_mesh
+from ettin_jax.training.run_dir import RECIPE_FILE
+from ettin_jax.training.state import model_graph, params_shardings
+from ettin_jax.training.step import SparseHead, make_eval_step
+
+Evaluator = Callable[[dict], dict[str, float]]
+
+
+def make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params_sharding, *,
+                   batches: int) -> Evaluator:
+    """evaluate(params) -> {eval_loss, eval_perplexity, eval_accuracy, eval_targets} on the
+    same `batches` held-out batches (data.heldout at train.seq_len, seed train.seed) every
+    time: built once, masks fixed, so successive evaluations compare."""
+    train = recipe.train
+    heldout = dataclasses.replace(recipe.data, sources=recipe.data.heldout)
+    stream = make_batch_iterator(
+        heldout, seq_len=train.seq_len, global_batch_size=train.global_batch_size,
+        seed=train.seed, objective=objective, tokenizer=tokenizer,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    rows = batch_sharding(mesh)
+    fixed = [{k: jax.make_array_from_process_local_data(rows, v) for k, v in next(stream).items()}
+             for _ in range(batches)]
+    sparse_head = SparseHead(recipe.data.mlm_mask_ratio, mesh) if objective == "mlm" else None
+    step = jax.jit(make_eval_step(model_graph(recipe.model, objective, mesh),
+                                  microbatch_size=train.microbatch_size,
+                                  compute_shardings=jax.tree.map(compute_sharding,
+                                                                 params_sharding),
+                                  sparse_head=sparse_head),
+                   in_shardings=(params_sharding, rows))
+
+    def evaluate(params) -> dict[str, float]:
+        sums = [jax.device_get(step(params, batch)) for batch in fixed]
+        targets = sum(float(s["targets"]) for s in sums)
+        loss = sum(float(s["loss_sum"]) for s in sums) / max(targets, 1.0)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
+                "eval_accuracy": sum(float(s["correct"]) for s in sums) / max(targets, 1.0),
+                "eval_targets": int(targets)}
+
+    return evaluate
+
+
+def evaluate_run(run_dir: str | Path, *, batches: int | None = None) -> dict[str, dict]:
+    """Evaluates the latest complete checkpoint of each member in RUN_DIR on its recipe's
+    held-out data, with the settings (sequence length, mask ratio) of the phase that checkpoint
+    belongs to; `batches` defaults to logging.eval_batches.
+
+    Returns {member: {step, phase, eval_loss, eval_perplexity, eval_accuracy, eval_targets}}.
+    Raises CheckpointError / ConfigError naming the run directory when it holds no run.
+    """
+    run_dir = Path(run_dir)
+    recipe = load_recipe(run_dir / RECIPE_FILE)
+    mesh = make_mesh(recipe.mesh)
+    results = {}
+    for member, member_dir in find_members(run_dir).items():
+        objective = MEMBERS[member]
+        restored = restore_weights(member_dir)
+        phases = recipe.run_phases()
+        phase = phases[min(restore_progress(member_dir, restored.step).get("phase", 0),
+                           len(phases) - 1)]
+        sharding = params_shardings(phase.model, objective, mesh)
+        params = jax.device_put(nnx.to_pure_dict(nnx.state(restored.model, nnx.Param)), sharding)
+        tokenizer = load_tokenizer(restored.tokenizer_dir)
+        evaluate = make_evaluator(recipe.phase_recipe(phase), objective, tokenizer, mesh,
+                                  sharding, batches=batches or recipe.logging.eval_batches)
+        results[member] = {"step": restored.step, "phase": phase.name, **evaluate(params)}
+    return results

@@ -1,0 +1,195 @@
+"""Phases of a member's run and the plan of a whole run.
+
+A run goes through the recipe's phases in order (`Recipe.run_phases`). Where it stands is a
+`Position`: the phase, how far into it, and the train state. A phase ends when it reaches its
+budget; the next one starts from its final state with the reset rules of `PhaseConfig`: same
+parameters and step count, the optimizer state kept (or fresh for `optimizer_state: reset`),
+its own data stream, schedule and batch-size warmup from its token 0. A restart resumes from
+the latest checkpoint's position, in the phase and step it was written at.
+
+`run_plan` is what `ettin-jax train --dry-run` prints: every member's phases, resolved, with
+budgets and training FLOPs, without compiling anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ettin_jax.config import PhaseConfig, Recipe, recipe_to_dict
+from ettin_jax.errors import CheckpointError, ConfigError
+from ettin_jax.models.config import (
+    PHASE_MODEL_FIELDS,
+    RUNTIME_MODEL_FIELDS,
+    Objective,
+    model_differences,
+)
+from ettin_jax.models.describe import describe_pair, training_flops_per_token
+from ettin_jax.training.checkpoint import (
+    MEMBERS,
+    TrainCheckpointer,
+    restore_progress,
+    restore_weights,
+)
+from ettin_jax.training.optimizer import make_optimizer
+from ettin_jax.training.state import TrainState, abstract_state, init_state, init_state_shardings
+
+
+def recipe_members(recipe: Recipe, only: str | None = None) -> list[str]:
+    """The members a run of `recipe` trains ("encoder" for mlm, "decoder" for clm, in that
+    order), or just `only`. Raises ConfigError for an unknown `only`."""
+    if only is not None:
+        if only not in MEMBERS:
+            raise ConfigError(f"--only must be one of {', '.join(MEMBERS)}, got {only!r}")
+        return [only]
+    return [m for m, objective in MEMBERS.items() if objective in recipe.train.objectives]
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where a member's run stands: in which phase, how far into it, and the state to go on
+    from (data_state None: the phase's data starts from the beginning)."""
+
+    phase: int
+    state: TrainState
+    phase_step: int = 0
+    phase_tokens: int = 0
+    tokens: int = 0
+    data_state: dict | None = None
+
+
+def starting_position(recipe: Recipe, objective: Objective, mesh,
+                       checkpoints: TrainCheckpointer) -> Position:
+    """The latest complete checkpoint's position (the next phase's start when it ended its
+    phase), or step 0 of the first phase: initialised, or checkpoint.init_from's weights."""
+    phases = recipe.run_phases()
+    step = checkpoints.latest_step()
+    if step is None:
+        first = phases[0]
+        state, _ = init_state(first.model, objective, make_optimizer(first.optimizer), mesh,
+                              seed=first.train.seed, params=_initial_params(recipe, objective))
+        return Position(0, state)
+    progress = restore_progress(checkpoints.member_dir, step)
+    index = progress.get("phase", 0)
+    if index >= len(phases):
+        raise CheckpointError(f"{checkpoints.member_dir} holds phase {index} but the recipe "
+                              f"has {len(phases)} phase(s)")
+    phase = phases[index]
+    checkpoints.check_compatible(step, phase.model, objective)
+    optimizer = make_optimizer(phase.optimizer)
+    shardings = init_state_shardings(phase.model, objective, optimizer, mesh)
+    target = abstract_state(shardings, phase.model, objective, optimizer)
+    state, _, _ = checkpoints.restore(step, target)
+    position = Position(index, state, progress.get("phase_step", step),
+                         progress.get("phase_tokens", progress["tokens"]), progress["tokens"],
+                         progress["data"])
+    if phase_done(phase, position):
+        checkpoints.mark_phase_end(step, phase.name)  # if a kill came between save and mark
+        return next_phase(recipe, position, objective, mesh)
+    return position
+
+
+def phase_done(phase: PhaseConfig, position: Position) -> bool:
+    train = phase.train
+    return ((train.steps is not None and position.phase_step >= train.steps)
+            or (train.tokens is not None and position.phase_tokens >= train.tokens))
+
+
+def next_phase(recipe: Recipe, position: Position, objective: Objective, mesh) -> Position:
+    """Step 0 of the phase after `position`'s: the same parameters and step count; the
+    optimizer state kept, or fresh when the phase says `optimizer_state: reset`."""
+    index, state = position.phase + 1, position.state
+    phases = recipe.run_phases()
+    if index < len(phases) and phases[index].optimizer_state == "reset":
+        phase = phases[index]
+        fresh, _ = init_state(phase.model, objective, make_optimizer(phase.optimizer), mesh,
+                              seed=phase.train.seed, params=state.params)
+        state = fresh.replace(step=state.step)
+    return Position(index, state, tokens=position.tokens)
+
+
+def _initial_params(recipe: Recipe, objective: Objective):
+    """Weights of checkpoint.init_from (weights-only restore), or None for a fresh init."""
+    if recipe.checkpoint.init_from is None:
+        return None
+    restored = restore_weights(recipe.checkpoint.init_from)
+    differ = model_differences(restored.model.config, recipe.run_phases()[0].model,
+                               ignore=RUNTIME_MODEL_FIELDS + PHASE_MODEL_FIELDS)
+    if differ:
+        raise CheckpointError(f"checkpoint.init_from {recipe.checkpoint.init_from} holds another "
+                              f"architecture than model.* of the recipe: {', '.join(differ)}")
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(restored.model))
+
+
+def run_plan(recipe: Recipe, *, only: str | None = None) -> dict[str, Any]:
+    """What training `recipe` does, without compiling: {"members": {member: {"objective",
+    "recipe" (the member's resolved recipe), "phases": [{name, kind, tokens, steps, seq_len,
+    global_batch_size, peak and final learning rate, RoPE thetas, mask ratio (encoder),
+    optimizer_state, train_flops (tokens x training FLOPs per token, when the phase has a
+    token budget)}]}}, "describe": the first phase's describe_pair report}."""
+    members = {}
+    for member in recipe_members(recipe, only):
+        objective = MEMBERS[member]
+        phases = []
+        for phase in recipe.run_phases():
+            train, schedule = phase.train, phase.schedule
+            peak = phase.optimizer.learning_rate
+            per_token = training_flops_per_token(phase.model, objective, seq_len=train.seq_len,
+                                                 mlm_mask_ratio=phase.data.mlm_mask_ratio)
+            entry = {
+                "name": phase.name, "kind": phase.kind, "tokens": train.tokens,
+                "steps": train.steps, "seq_len": train.seq_len,
+                "global_batch_size": train.global_batch_size,
+                "learning_rate_start": peak * schedule.start,
+                "learning_rate_end": peak * (schedule.start if schedule.kind == "constant"
+                                             or schedule.decay_tokens == 0 else schedule.floor),
+                "global_rope_theta": phase.model.global_rope_theta,
+                "local_rope_theta": phase.model.local_rope_theta,
+                "optimizer_state": phase.optimizer_state,
+                "train_flops": None if train.tokens is None else per_token["total"] * train.tokens,
+            }
+            if objective == "mlm":
+                entry["mlm_mask_ratio"] = phase.data.mlm_mask_ratio
+            phases.append(entry)
+        members[member] = {"objective": objective,
+                           "recipe": recipe_to_dict(_member_recipe(recipe, objective)),
+                           "phases": phases}
+    first = recipe.run_phases()[0]
+    return {"members": members,
+            "describe": describe_pair(first.model, seq_len=first.train.seq_len,
+                                      mlm_mask_ratio=first.data.mlm_mask_ratio)}
+
+
+def format_run_plan(plan: dict[str, Any]) -> str:
+    """The phase table of every member in `run_plan`'s report."""
+    lines = []
+    for member, entry in plan["members"].items():
+        lines.append(f"{member} ({entry['objective']}):")
+        lines.append(f"  {'phase':<12}{'kind':<11}{'tokens':>10}{'steps':>8}{'seq':>6}"
+                     f"{'batch':>7}{'LR start -> end':>20}{'RoPE g/l':>16}{'mask':>6}"
+                     f"{'optimizer':>11}{'train FLOPs':>13}")
+        for p in entry["phases"]:
+            lr = f"{p['learning_rate_start']:.3g} -> {p['learning_rate_end']:.3g}"
+            rope = f"{p['global_rope_theta']:.0f}/{p['local_rope_theta']:.0f}"
+            mask = f"{p['mlm_mask_ratio']:.2f}" if "mlm_mask_ratio" in p else "-"
+            flops = "-" if p["train_flops"] is None else f"{p['train_flops']:.3g}"
+            lines.append(f"  {p['name']:<12}{p['kind'] or '-':<11}{_count(p['tokens']):>10}"
+                         f"{_count(p['steps']):>8}{p['seq_len']:>6}{p['global_batch_size']:>7}"
+                         f"{lr:>20}{rope:>16}{mask:>6}{p['optimizer_state']:>11}{flops:>13}")
+    return "\n".join(lines)
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:.3g}" if value >= 100_000 else str(value)
+
+
+def _member_recipe(recipe: Recipe, objective: Objective) -> Recipe:
+    """`recipe` as the run of one member: train.objectives = (objective,) everywhere."""
+    def only(train):
+        return dataclasses.replace(train, objectives=(objective,))
+
+    return dataclasses.replace(
+        recipe, train=only(recipe.train),
+        phases=tuple(dataclasses.replace(p, train=only(p.train)) for p in recipe.phases))

@@ -178,10 +178,20 @@ def test_bad_mesh_batch_and_run_dir(tmp_path):
     with pytest.raises(ConfigError, match="cannot be split"):
         make_mesh(MeshConfig(-1, 3))
     recipe = load_recipe(TINY, ["train.global_batch_size=4", "data.tokenizer=unused"])
-    with pytest.raises(ConfigError, match="4 rows must split over the 8 devices"):
-        from ettin_jax.training.trainer import _check_batch
+    from ettin_jax.training.trainer import _check_phases
 
-        _check_batch(recipe, make_mesh(recipe.mesh))
+    mesh = make_mesh(recipe.mesh)
+    with pytest.raises(ConfigError, match="4 rows must split over the 8 devices"):
+        _check_phases(recipe, mesh)
+    # A later phase is checked before the first one trains.
+    late = load_recipe(TINY, ["phases=[{name: a}, {name: b, train: {global_batch_size: 12}}]"])
+    with pytest.raises(ConfigError, match=r"phases.1.train.global_batch_size=12 .* 12 rows"):
+        _check_phases(late, mesh)
+    gone = tmp_path / "gone"
+    missing = load_recipe(TINY, [f"phases=[{{name: a}}, {{name: b, data: {{sources: "
+                                 f"[{{path: {gone}, kind: prepared}}]}}}}]"])
+    with pytest.raises(ConfigError, match=rf"phases.1.data.sources: source '{gone}'"):
+        _check_phases(missing, mesh)
     (tmp_path / "recipe.yaml").write_text("train: {steps: 3}\n")
     with pytest.raises(ConfigError, match="holds a run of another recipe"):
         train_pair(recipe, tmp_path)

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from data_pipelines.microbatches import MicrobatchQueue
 from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
+from data_pipelines.sources import SourceError, source_files, source_kind
 from ettin_jax.config import Recipe, recipe_to_dict
 from ettin_jax.errors import ConfigError
 from ettin_jax.models.config import Objective
@@ -130,6 +131,7 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
                           f"is {recipe.model.vocab_size}")
     phases = recipe.run_phases()
     mesh = make_mesh(recipe.mesh)
+    _check_phases(recipe, mesh)
     checkpoints = TrainCheckpointer(member_dir, recipe.checkpoint)
     try:
         position = starting_position(recipe, objective, mesh, checkpoints)
@@ -157,7 +159,6 @@ def _train_phase(recipe: Recipe, position: Position, objective: Objective, membe
     phase_recipe = recipe.phase_recipe(phase)
     train, data = phase.train, phase.data
     rows = batch_sharding(mesh)
-    _check_batch(phase_recipe, mesh)
     optimizer = make_optimizer(phase.optimizer)
     shardings = init_state_shardings(phase.model, objective, optimizer, mesh)
     state = position.state
@@ -276,15 +277,28 @@ def _train_phase(recipe: Recipe, position: Position, objective: Objective, membe
     return (here if stopped else next_phase(recipe, here, objective, mesh)), result
 
 
-def _check_batch(recipe: Recipe, mesh) -> None:
-    train = recipe.train
-    shards = mesh.size
-    micro = train.microbatch_size or train.global_batch_size
-    if micro % shards:
-        raise ConfigError(f"train.global_batch_size={train.global_batch_size} with "
-                          f"train.microbatch_size={train.microbatch_size}: each microbatch of "
-                          f"{micro} rows must split over the {shards} devices of the mesh "
-                          f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
-    if train.global_batch_size % jax.process_count():
-        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible "
-                          f"by the {jax.process_count()} processes")
+def _check_phases(recipe: Recipe, mesh) -> None:
+    """Raises ConfigError for a phase whose batch does not split over the mesh and processes,
+    or whose data sources are missing: before any training, not days into a run."""
+    phases = recipe.run_phases()
+    for index, phase in enumerate(phases):
+        where = f"phases.{index}.train" if recipe.phases else "train"
+        train, micro = phase.train, phase.train.microbatch_size or phase.train.global_batch_size
+        if micro % mesh.size:
+            raise ConfigError(f"{where}.global_batch_size={train.global_batch_size} with "
+                              f"microbatch_size={train.microbatch_size}: each microbatch of "
+                              f"{micro} rows must split over the {mesh.size} devices of the mesh "
+                              f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+        if train.global_batch_size % jax.process_count():
+            raise ConfigError(f"{where}.global_batch_size={train.global_batch_size} is not "
+                              f"divisible by the {jax.process_count()} processes")
+        data = f"phases.{index}.data" if recipe.phases else "data"
+        listed = [("sources", s) for s in phase.data.sources]
+        if recipe.logging.eval_every_steps:
+            listed += [("heldout", s) for s in phase.data.heldout]
+        for field, source in listed:
+            if source_kind(source) not in ("bundled", "tfds"):
+                try:
+                    source_files(source)
+                except SourceError as err:
+                    raise ConfigError(f"{data}.{field}: {err}") from None

@@ -1,10 +1,11 @@
-"""Does every Ettin phase-1 recipe fit a TPU chip? AOT-compiles the real train step of both
+"""Does every Ettin recipe fit a TPU chip (phase 1, or --phase)? AOT-compiles the real train step of both
 members for a TPU topology on this machine (libtpu, no TPU needed) and prints a Markdown table of
 per-chip memory from the compiled executables.
 
     .venv/bin/python benchmarks/tpu_fit.py                       # recipes/ettin-*.yaml, v5p:4x4x4
     .venv/bin/python benchmarks/tpu_fit.py --recipes recipes/ettin-1b.yaml --topology v5p:2x2x4
     .venv/bin/python benchmarks/tpu_fit.py model.attention_impl=pallas   # overrides, every recipe
+    .venv/bin/python benchmarks/tpu_fit.py --phase extension    # another phase of the recipes
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from ettin_jax.config import load_recipe  # noqa: E402
 from ettin_jax.training.aot import tpu_memory_report  # noqa: E402
+from ettin_jax.training.phases import phase_named  # noqa: E402
 from provenance import print_provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,16 +32,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", type=Path, default=PHASE_1)
     parser.add_argument("--topology", default="v5p:4x4x4")
+    parser.add_argument("--phase", help="the recipe phase to compile (default: the first)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="recipe overrides applied to every recipe")
     args = parser.parse_args()
-    print_provenance(f"topology {args.topology}"
+    print_provenance(f"topology {args.topology}; phase {args.phase or 'first'}"
                      f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}")
     print("| recipe | mesh (data x fsdp) | rows per chip per microbatch | member | per-chip GiB "
           "(arguments + temporaries) | of HBM GiB | fits | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.recipes:
         recipe = load_recipe(path, args.overrides)
+        if args.phase:
+            recipe = recipe.phase_recipe(phase_named(recipe, args.phase))
         start = time.perf_counter()
         report = tpu_memory_report(recipe, args.topology)
         seconds = (time.perf_counter() - start) / 2

@@ -26,6 +26,10 @@ def _describe(args: argparse.Namespace) -> int:
     from ettin_jax.models.describe import describe_pair, format_description
 
     recipe = _recipe_or_preset(args.recipe, args.overrides)
+    if args.phase:
+        from ettin_jax.training.phases import phase_named
+
+        recipe = recipe.phase_recipe(phase_named(recipe, args.phase))
     report = describe_pair(
         recipe.model, seq_len=recipe.train.seq_len, mlm_mask_ratio=recipe.data.mlm_mask_ratio
     )
@@ -234,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_arguments(describe, "PRESET_OR_RECIPE",
                           f"a recipe file (.yaml/.gin) or a preset: {', '.join(PRESETS)}")
     describe.add_argument("--json", action="store_true", help="print one JSON object")
+    describe.add_argument("--phase", metavar="NAME",
+                          help="describe this phase of the recipe (default: the first)")
     describe.add_argument("--tpu-topology", metavar="NAME",
                           help="also AOT-compile the train step for this TPU topology (e.g. "
                           "v5p:4x4x4; needs the tpu extra) and report per-chip memory")

@@ -46,12 +46,20 @@ def test_describe_table(capsys):
     assert main(["describe", str(RECIPES / "tiny.gin")]) == 0
     out = capsys.readouterr().out
     assert "encoder (mlm)" in out and "decoder (clm)" in out and "GllG" in out
+    assert "at seq_len 128, MLM mask ratio 0.3" in out
+    assert main(["describe", str(RECIPES / "tiny.yaml"), "--phase", "decay"]) == 0
+    assert "at seq_len 256, MLM mask ratio 0.15" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, fragment", [
     (["describe", "ettin-15m"], "Did you mean 'ettin-150m'"),
     (["describe", "tiny", "train.stepz=1"], "Did you mean 'steps'"),
     (["recipe", "no/such/recipe.yaml"], "does not exist"),
+    (["describe", str(RECIPES / "tiny.yaml"), "--phase", "warmup"],
+     "no phase 'warmup' in the recipe; its phases: pretrain, extension, decay"),
+    (["train", str(RECIPES / "tiny.yaml"), "phases.2.kind=pretrain", "--dry-run"], "phases out of order"),
+    (["train", str(RECIPES / "tiny.yaml"), "phases.1.train.seqlen=8", "--dry-run"],
+     "Did you mean 'seq_len'"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, fragment, capsys):
     assert main(argv) == 2

@@ -35,6 +35,14 @@ from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.state import TrainState, abstract_state, init_state, init_state_shardings
 
 
+def phase_named(recipe: Recipe, name: str) -> PhaseConfig:
+    """The phase of `recipe` called `name`. Raises ConfigError listing the phase names."""
+    names = [phase.name for phase in recipe.run_phases()]
+    if name not in names:
+        raise ConfigError(f"no phase {name!r} in the recipe; its phases: {', '.join(names)}")
+    return recipe.run_phases()[names.index(name)]
+
+
 def recipe_members(recipe: Recipe, only: str | None = None) -> list[str]:
     """The members a run of `recipe` trains ("encoder" for mlm, "decoder" for clm, in that
     order), or just `only`. Raises ConfigError for an unknown `only`."""

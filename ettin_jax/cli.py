@@ -168,7 +168,8 @@ def _eval(args: argparse.Namespace) -> int:
     results = evaluate_run(args.run_dir, batches=args.batches)
     if args.json:
         print(json.dumps(results, indent=2))
-    for member, r in results.items() if not args.json else ():
+        return 0
+    for member, r in results.items():
         print(f"{member} (step {r['step']}, phase {r['phase']}): held-out loss "
               f"{r['eval_loss']:.4f}, perplexity {r['eval_perplexity']:.2f}, accuracy "
               f"{r['eval_accuracy']:.2%} over {r['eval_targets']:,} predicted tokens")

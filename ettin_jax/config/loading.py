@@ -64,8 +64,7 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     and the valid choices.
     """
     source = "<defaults>" if path is None else str(path)
-    raw = {} if path is None else read_recipe_file(Path(path))
-    lines = {} if path is None else _key_lines(Path(path))
+    raw, lines = ({}, {}) if path is None else read_recipe_file(Path(path))
     origins: dict[str, str] = {}
     for text in overrides:
         key, value = _parse_override(text)
@@ -85,34 +84,35 @@ def dataclass_from_dict(cls: type, raw: Mapping[str, Any], *, source: str, key: 
     return build_dataclass(cls, raw, key=key, where=_Where(source, {}))
 
 
-def read_recipe_file(path: Path) -> RawTree:
-    """The raw tree of a YAML or gin recipe file. Raises ConfigError for unreadable files."""
+def read_recipe_file(path: Path) -> tuple[RawTree, dict[str, int]]:
+    """The raw tree of a YAML or gin recipe file, and {dotted key: 1-based line} of the keys it
+    sets (for error messages), from one read and one parse. Raises ConfigError for unreadable
+    files."""
     if not path.is_file():
         raise ConfigError(f"recipe file {path} does not exist")
     if path.suffix == ".gin":
-        from ettin_jax.config.gin_files import read_gin_file
+        from ettin_jax.config.gin_files import gin_key_lines, read_gin_file
 
-        return read_gin_file(path)
+        return read_gin_file(path), gin_key_lines(path.read_text())
     if path.suffix not in (".yaml", ".yml"):
         raise ConfigError(f"{path}: unknown recipe format {path.suffix!r}; use .yaml, .yml or .gin")
+    loader = _YamlLoader(path.read_text())
     try:
-        raw = yaml.load(path.read_text(), Loader=_YamlLoader)
+        node = loader.get_single_node()
+        raw = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    finally:
+        loader.dispose()
     if raw is None:
-        return {}
+        return {}, {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
-    return raw
+    return raw, _yaml_key_lines(node)
 
 
-def _key_lines(path: Path) -> dict[str, int]:
-    """{dotted key: 1-based line} of the keys a recipe file sets, for error messages."""
-    text = path.read_text()
-    if path.suffix == ".gin":
-        from ettin_jax.config.gin_files import gin_key_lines
-
-        return gin_key_lines(text)
+def _yaml_key_lines(root: yaml.Node) -> dict[str, int]:
+    """{dotted key: 1-based line} of every mapping key and list item under `root`."""
     lines: dict[str, int] = {}
 
     def walk(node: yaml.Node, prefix: str) -> None:
@@ -126,7 +126,7 @@ def _key_lines(path: Path) -> dict[str, int]:
                 lines[_join(prefix, str(i))] = item.start_mark.line + 1
                 walk(item, _join(prefix, str(i)))
 
-    walk(yaml.compose(text, Loader=_YamlLoader), "")
+    walk(root, "")
     return lines
 
 

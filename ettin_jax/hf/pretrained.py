@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -23,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 from data_pipelines.special_tokens import PROJECT, SpecialTokens
 from data_pipelines.tokenizer_files import copy_tokenizer_files, tokenizer_file_names
 from ettin_jax.errors import CheckpointError
+from ettin_jax.files import write_atomically, write_text_atomically
 from ettin_jax.hf.config import from_hf_config, to_hf_config
 from ettin_jax.hf.keymap import (
     TIED_HF_NAMES,
@@ -129,10 +129,10 @@ def save_pretrained(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    write_atomically(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
     hf_config = to_hf_config(config, objective, special_tokens)
-    _write_atomically(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(
-        json.dumps(hf_config, indent=2, sort_keys=True) + "\n"))
+    write_text_atomically(path / CONFIG_FILE,
+                          json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     copied = copy_tokenizer_files(Path(tokenizer_dir), path) if tokenizer_dir else ()
     return ExportReport(path, len(tensors), elements, model_params, copied)
 
@@ -210,13 +210,3 @@ def _with_tokenizer_ids(special: SpecialTokens, tokenizer_dir: Path | None) -> S
     ids = {name: tokenizer.token_to_id(token) for name, token in (("mask", "[MASK]"),
                                                                     ("unk", "[UNK]"))}
     return dataclasses.replace(special, **{k: v for k, v in ids.items() if v is not None})
-
-
-def _write_atomically(final: Path, write) -> None:
-    """Runs write(tmp_path), then renames: a crash never leaves a half-written `final`."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)

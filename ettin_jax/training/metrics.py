@@ -10,6 +10,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ettin_jax.files import write_text_atomically
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -29,9 +31,7 @@ class MetricsLog:
         if enabled:
             member_dir.mkdir(parents=True, exist_ok=True)
             kept = [r for r in read_metrics(member_dir) if r["step"] <= resume_step]
-            partial = self.path.with_suffix(".partial")
-            partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            partial.replace(self.path)  # a kill now leaves the old file or the new one
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             if tensorboard:
                 from tensorboardX import SummaryWriter
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ettin_jax.config import PhaseConfig, Recipe, recipe_to_dict
+from ettin_jax.config import PhaseConfig, Recipe, TrainConfig, recipe_to_dict
 from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models.config import (
     PHASE_MODEL_FIELDS,
@@ -91,16 +91,17 @@ def starting_position(recipe: Recipe, objective: Objective, mesh,
     position = Position(index, state, progress.get("phase_step", step),
                          progress.get("phase_tokens", progress["tokens"]), progress["tokens"],
                          progress["data"])
-    if phase_done(phase, position):
+    if phase_done(phase.train, position.phase_step, position.phase_tokens):
         checkpoints.mark_phase_end(step, phase.name)  # if a kill came between save and mark
         return next_phase(recipe, position, objective, mesh)
     return position
 
 
-def phase_done(phase: PhaseConfig, position: Position) -> bool:
-    train = phase.train
-    return ((train.steps is not None and position.phase_step >= train.steps)
-            or (train.tokens is not None and position.phase_tokens >= train.tokens))
+def phase_done(train: TrainConfig, phase_step: int, phase_tokens: int) -> bool:
+    """Whether a phase with budget `train` (steps and/or real tokens) is over after
+    `phase_step` steps and `phase_tokens` tokens of it."""
+    return ((train.steps is not None and phase_step >= train.steps)
+            or (train.tokens is not None and phase_tokens >= train.tokens))
 
 
 def next_phase(recipe: Recipe, position: Position, objective: Objective, mesh) -> Position:

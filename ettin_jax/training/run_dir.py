@@ -20,6 +20,7 @@ import jax
 
 from ettin_jax.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
 from ettin_jax.errors import ConfigError
+from ettin_jax.files import write_text_atomically
 
 RECIPE_FILE = "recipe.yaml"
 # Dotted keys (fnmatch patterns; "*" also matches the "phases.<i>." prefix) that a resumed run
@@ -76,7 +77,5 @@ def claim_run_dir(run_dir: str | Path, recipe: Recipe, *, force: bool = False
             return changes
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_text(recipe_to_yaml(recipe))
-        partial.replace(path)
+        write_text_atomically(path, recipe_to_yaml(recipe))
     return changes

@@ -200,9 +200,6 @@ def _train_phase(recipe: Recipe, position: Position, objective: Objective, membe
                                batches=recipe.logging.eval_batches)
                 if recipe.logging.eval_every_steps else None)
 
-    def finished() -> bool:
-        return phase_done(phase, Position(index, state, phase_step, phase_tokens))
-
     def load_batch(global_rows: int):
         """The next batch of `global_rows` rows, and the data state just after it (what a
         checkpoint of the step that consumes it must store)."""
@@ -214,7 +211,7 @@ def _train_phase(recipe: Recipe, position: Position, objective: Objective, membe
     last_time = time.perf_counter()
     upcoming = None
     try:
-        while not finished():
+        while not phase_done(train, phase_step, phase_tokens):
             size = batch_rows(phase_tokens)
             batch, data_state = upcoming if upcoming is not None else load_batch(size)
             state, metrics = step_fn(state, batch, float(learning_rate(phase_tokens)))
@@ -230,7 +227,7 @@ def _train_phase(recipe: Recipe, position: Position, objective: Objective, membe
             phase_tokens += real
             loss = float(metrics["loss"])
             now = time.perf_counter()
-            last = finished()
+            last = phase_done(train, phase_step, phase_tokens)
             every_eval = recipe.logging.eval_every_steps
             due_eval = bool(every_eval) and (step % every_eval == 0 or last)
             if step % recipe.logging.every_steps == 0 or last or due_eval:

@@ -7,7 +7,7 @@ DEMO := runs/demo
 # The demo runs on CPU (JAX would otherwise probe for the TPU runtime the `tpu` extra installs).
 DEMO_ENV := JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu}
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-data test clean
 
 install: $(STAMP)
 
@@ -26,6 +26,8 @@ $(DEMO)/data/manifest.json: $(DEMO)/tokenizer/tokenizer.model
 	$(DEMO_ENV) $(ETTIN) data prepare bundled --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data
 	$(DEMO_ENV) $(ETTIN) data prepare bundled:heldout --tokenizer $(DEMO)/tokenizer \
 	    --out $(DEMO)/heldout
+
+demo-data: $(DEMO)/data/manifest.json
 
 # The main job: the tiny pair through Ettin's three phases (resumes if interrupted), then
 # everything a user does with a trained pair.

@@ -23,7 +23,15 @@ import numpy as np
 from data_pipelines.config import DataConfig
 from data_pipelines.objectives import clm_labels, mlm_inputs
 from data_pipelines.packing import packed_rows
-from data_pipelines.sources import SourceStats, mixture, open_source, source_kind
+from data_pipelines.sources import (
+    TOKENIZER_COMMAND,
+    MissingInputError,
+    SourceStats,
+    check_prepared,
+    mixture,
+    open_source,
+    source_kind,
+)
 
 OBJECTIVES = ("mlm", "clm")
 
@@ -118,16 +126,22 @@ def load_data_tokenizer(data: DataConfig):
 
     Raises TokenizerError naming data.tokenizer when there is none.
     """
+    from data_pipelines.prepare import TOKENIZER_DIR
     from data_pipelines.tokenizers import TokenizerError, load_tokenizer
 
     if data.tokenizer is not None:
+        if not Path(data.tokenizer).exists():
+            raise MissingInputError(
+                f"data.tokenizer: {data.tokenizer} does not exist; train a tokenizer there with "
+                f"`{TOKENIZER_COMMAND.format(path=data.tokenizer)}`", data.tokenizer)
         return load_tokenizer(data.tokenizer)
-    for source in data.sources:
+    for index, source in enumerate(data.sources):
         if source_kind(source) == "prepared":
-            return load_tokenizer(Path(source.path) / "tokenizer")
-    raise TokenizerError("data.tokenizer is not set and no source is prepared: train a tokenizer "
-                     "with `ettin-jax tokenizer train --vocab-size N --out DIR` and set "
-                     "data.tokenizer=DIR")
+            return load_tokenizer(check_prepared(source.path, f"data.sources.{index}")
+                                  / TOKENIZER_DIR)
+    raise TokenizerError(f"data.tokenizer is not set and no source is prepared: train a "
+                         f"tokenizer with `{TOKENIZER_COMMAND.format(path='DIR')}` and set "
+                         f"data.tokenizer=DIR")
 
 
 def open_documents(data: DataConfig, tokenizer, *, seed: int) -> tuple[grain.MapDataset,

@@ -32,6 +32,7 @@ from data_pipelines.sources import (
     PREPARE_SETTINGS,
     SourceError,
     SourceStats,
+    check_prepared,
     iter_texts,
 )
 
@@ -64,8 +65,10 @@ def prepare(
 ) -> dict:
     """Tokenizes `sources` into shards under `out`; returns the manifest (also written).
 
-    workers: processes (default: every core). Raises SourceError for unreadable sources and
-    ValueError when `out` holds a preparation with other settings.
+    workers: processes (default: every core). The same sources, tokenizer and
+    documents_per_shard give byte-identical shards and manifest, whatever `workers`. Raises
+    SourceError for unreadable sources and when `out` holds a preparation with other settings
+    or other files.
     """
     out = Path(out)
     settings = {
@@ -78,8 +81,8 @@ def prepare(
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("settings") == settings:
             return manifest
-        raise ValueError(f"{out} already holds prepared data made with other settings; "
-                         f"choose another output directory")
+        raise SourceError(f"{out} already holds prepared data made with other settings; "
+                          f"choose another output directory")
     _start_or_resume(out, settings, tokenizer)
 
     stats = {s.path: SourceStats() for s in sources}
@@ -113,13 +116,13 @@ def _start_or_resume(out: Path, settings: dict, tokenizer) -> None:
     settings_file = out / PREPARE_SETTINGS
     if settings_file.is_file():
         if json.loads(settings_file.read_text()) != settings:
-            raise ValueError(f"{out} holds an interrupted preparation with other settings; "
-                             f"rerun it with the same sources and tokenizer, or choose another "
-                             f"output directory")
+            raise SourceError(f"{out} holds an interrupted preparation with other settings; "
+                              f"rerun it with the same sources and tokenizer, or choose another "
+                              f"output directory")
         return
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no preparation; choose another "
-                         f"output directory")
+        raise SourceError(f"{out} is not empty and holds no preparation; choose another "
+                          f"output directory")
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / TOKENIZER_DIR)
     settings_file.write_text(json.dumps(settings, indent=1))
@@ -188,11 +191,7 @@ def open_prepared(path: Path, tokenizer) -> tuple[grain.MapDataset, int]:
     Raises SourceError when `path` is not a finished preparation or was made with another
     tokenizer than `tokenizer` (None skips that check).
     """
-    manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
-        raise SourceError(f"{path}: no {MANIFEST}; the preparation did not finish (rerun "
-                          f"`ettin-jax data prepare` with the same arguments to resume)")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = json.loads((check_prepared(path, "source") / MANIFEST).read_text())
     if tokenizer is not None and manifest["settings"]["tokenizer"] != tokenizer_fingerprint(tokenizer):
         raise SourceError(f"{path}: prepared with another tokenizer than data.tokenizer "
                           f"(vocab {manifest['settings']['tokenizer']['vocab_size']} vs "

@@ -32,6 +32,36 @@ class SourceError(ValueError):
     """A source cannot be read; the message names the source, file and line where known."""
 
 
+class MissingInputError(SourceError):
+    """A file or directory that a recipe or command names does not exist. `path` is it; the
+    message names it and the command that creates it."""
+
+    def __init__(self, message: str, path: str | Path):
+        super().__init__(message)
+        self.path = str(path)
+
+
+PREPARE_COMMAND = "ettin-jax data prepare SOURCE... --tokenizer TOKENIZER_DIR --out {path}"
+TOKENIZER_COMMAND = "ettin-jax tokenizer train [SOURCE...] --vocab-size N --out {path}"
+
+
+def check_prepared(path: str | Path, key: str) -> Path:
+    """`path` as the directory of a finished `ettin-jax data prepare`; `key` is the recipe key
+    or option that names it. Raises MissingInputError saying how to prepare it when it does not
+    exist, and SourceError saying how to resume when the preparation did not finish."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / PREPARE_SETTINGS).is_file():
+        raise SourceError(f"{key}: {path} is an unfinished preparation (no {MANIFEST}); rerun "
+                          f"the `ettin-jax data prepare` command that started it to resume")
+    if path.exists():
+        raise SourceError(f"{key}: {path} is not prepared data (no {MANIFEST}); prepare it "
+                          f"with `{PREPARE_COMMAND.format(path=path)}` into an empty directory")
+    raise MissingInputError(f"{key}: prepared data {path} does not exist; prepare it with "
+                            f"`{PREPARE_COMMAND.format(path=path)}`", path)
+
+
 @dataclasses.dataclass
 class SourceStats:
     """What reading a source fixed or skipped, by count."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,6 +39,9 @@ SENTENCEPIECE_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
 # Training sentences longer than this (bytes) are cut into pieces (sentencepiece skips them).
 _MAX_SENTENCE_BYTES = 4096
+# SentencePiece's trainer splits its work over this many threads whatever the machine (its
+# default): the model depends on the number, so a fixed one keeps training reproducible.
+TRAINER_THREADS = 16
 
 
 class TokenizerError(ValueError):
@@ -162,12 +164,17 @@ class SentencePieceTokenizer(Tokenizer):
         vocab_size: int,
         model_type: str = "unigram",
         max_sentences: int = 300_000,
+        seed: int = 21,
     ) -> SentencePieceTokenizer:
         """Trains on the lines of `texts` with [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4.
 
         Byte fallback is on (no text is lost to [UNK]) and normalization is off (code keeps its
-        whitespace). At most `max_sentences` lines are sampled. Raises TokenizerError for a
-        vocabulary too small for the specials and byte pieces, or for texts without any line.
+        whitespace). At most `max_sentences` lines are used, sampled with `seed`. The same
+        texts and arguments give the same model, byte for byte, on any machine: the sample is
+        drawn here (SentencePiece's own sampling is not reproducible even when seeded) and the
+        trainer always runs `TRAINER_THREADS` threads (its result depends on their number).
+        Raises TokenizerError for a vocabulary too small for the specials and byte pieces, or
+        for texts without any line.
         """
         minimum = len(SPECIAL_TOKEN_TEXT) + 256 + 64
         if vocab_size < minimum:
@@ -177,6 +184,9 @@ class SentencePieceTokenizer(Tokenizer):
                  for piece in _cut(line)]
         if not lines:
             raise TokenizerError("no text to train the tokenizer on (every document is empty)")
+        if len(lines) > max_sentences:
+            chosen = np.random.default_rng(seed).choice(len(lines), max_sentences, replace=False)
+            lines = [lines[i] for i in np.sort(chosen)]
         model = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
@@ -186,8 +196,8 @@ class SentencePieceTokenizer(Tokenizer):
                 user_defined_symbols=["[MASK]"], byte_fallback=True, character_coverage=0.9995,
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
                 allow_whitespace_only_pieces=True, split_digits=True,
-                input_sentence_size=max_sentences, shuffle_input_sentence=True,
-                max_sentence_length=_MAX_SENTENCE_BYTES * 2, num_threads=os.cpu_count() or 1,
+                input_sentence_size=0, shuffle_input_sentence=False,
+                max_sentence_length=_MAX_SENTENCE_BYTES * 2, num_threads=TRAINER_THREADS,
                 minloglevel=2,
             )
         except RuntimeError as err:  # e.g. a vocabulary larger than the text supports
@@ -274,13 +284,16 @@ def train_tokenizer(
     vocab_size: int,
     texts: Iterable[str] | None = None,
     model_type: str = "unigram",
+    seed: int = 21,
 ) -> SentencePieceTokenizer:
     """Trains a SentencePiece tokenizer (on the bundled corpus's training split by default),
-    saves it to `out_dir` (tokenizer.model and transformers' files) and returns it."""
+    saves it to `out_dir` (tokenizer.model and transformers' files) and returns it. The same
+    texts, vocabulary size, model type and seed give byte-identical files."""
     if texts is None:
         from data_pipelines.corpus import bundled_documents
 
         texts = (d.text for d in bundled_documents("train"))
-    tokenizer = SentencePieceTokenizer.train(texts, vocab_size=vocab_size, model_type=model_type)
+    tokenizer = SentencePieceTokenizer.train(texts, vocab_size=vocab_size, model_type=model_type,
+                                             seed=seed)
     tokenizer.save(out_dir)
     return tokenizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 from data_pipelines.sources import SourceError
 from data_pipelines.tokenizers import TokenizerError
 from ettin_jax.config import Recipe, load_recipe, recipe_from_preset, recipe_to_yaml
-from ettin_jax.errors import CheckpointError, ConfigError, MetricsError
+from ettin_jax.errors import CheckpointError, ConfigError, MetricsError, did_you_mean
 from ettin_jax.models.presets import PRESETS
+from ettin_jax.platforms import select_platforms
 
 
 def _recipe_or_preset(spec: str, overrides: Sequence[str]) -> Recipe:
@@ -89,7 +91,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     sources = _sources(args)
     texts = itertools.chain.from_iterable(iter_texts(s, SourceStats()) for s in sources)
     tokenizer = train_tokenizer(args.out, vocab_size=args.vocab_size, texts=texts,
-                                model_type=args.model_type)
+                                model_type=args.model_type, seed=args.seed)
     print(f"tokenizer: {args.out} (vocab {tokenizer.vocab_size}, special ids "
           f"{tokenizer.special_tokens.as_dict()})")
     return 0
@@ -165,7 +167,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from ettin_jax.training.evaluation import evaluate_run
 
-    results = evaluate_run(args.run_dir, batches=args.batches)
+    results = evaluate_run(args.run_dir, batches=args.batches, overrides=args.overrides)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -244,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--tpu-topology", metavar="NAME",
                           help="also AOT-compile the train step for this TPU topology (e.g. "
                           "v5p:4x4x4; needs the tpu extra) and report per-chip memory")
-    describe.set_defaults(run=_describe)
+    describe.set_defaults(run=_describe, parser=describe)
 
     recipe = commands.add_parser(
         "recipe",
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "value, and print the resolved recipe as YAML.",
     )
     _add_recipe_arguments(recipe)
-    recipe.set_defaults(run=_recipe)
+    recipe.set_defaults(run=_recipe, parser=recipe)
 
     train = commands.add_parser(
         "train",
@@ -282,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multi-host: stop with an error when a peer is silent this long")
     train.add_argument("--cpu-devices", type=int,
                        help="run on N fake CPU devices (tests and debugging)")
-    train.set_defaults(run=_train)
+    train.set_defaults(run=_train, parser=train)
 
     evaluate = commands.add_parser(
         "eval", help="held-out loss, perplexity and accuracy of both members of a run",
@@ -291,10 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
         "perplexity and accuracy (MLM: masked tokens; CLM: next token).",
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="changes to RUN_DIR's recipe for this evaluation, e.g. "
+                          "'data.heldout=[{path: held.jsonl}]'")
     evaluate.add_argument("--batches", type=int, help="held-out batches (default: "
                           "logging.eval_batches)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.set_defaults(run=_eval)
+    evaluate.set_defaults(run=_eval, parser=evaluate)
 
     fill = commands.add_parser(
         "fill-mask", help="encoder: the top-k tokens for each [MASK] in a text",
@@ -305,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("model", metavar="MODEL")
     fill.add_argument("text", metavar="TEXT", help='e.g. "To be, or not to [MASK]"')
     fill.add_argument("--top-k", type=int, default=5)
-    fill.set_defaults(run=_fill_mask)
+    fill.set_defaults(run=_fill_mask, parser=fill)
 
     gen = commands.add_parser(
         "generate", help="decoder: continue a prompt (greedy or sampled, KV cache)",
@@ -321,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
-    gen.set_defaults(run=_generate)
+    gen.set_defaults(run=_generate, parser=gen)
 
     plot = commands.add_parser(
         "plot", help="PNG of the loss and learning-rate curves of a run",
@@ -331,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.add_argument("--out", metavar="FILE.png")
     plot.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis")
-    plot.set_defaults(run=_plot)
+    plot.set_defaults(run=_plot, parser=plot)
 
     export = commands.add_parser(
         "export",
@@ -346,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", metavar="DIR",
                         help="output directory (default: <member dir>/hf)")
     export.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
-    export.set_defaults(run=_export)
+    export.set_defaults(run=_export, parser=export)
 
     import_ = commands.add_parser(
         "import",
@@ -356,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     import_.add_argument("source", metavar="HF_DIR")
     import_.add_argument("--out", required=True, metavar="DIR", help="output member directory")
-    import_.set_defaults(run=_import)
+    import_.set_defaults(run=_import, parser=import_)
 
     convert = commands.add_parser(
         "convert",
@@ -368,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", metavar="HF_DIR_OR_CHECKPOINT")
     convert.add_argument("--to", required=True, choices=("encoder", "decoder"))
     convert.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    convert.set_defaults(run=_convert)
+    convert.set_defaults(run=_convert, parser=convert)
 
     tokenizer = commands.add_parser("tokenizer", help="train tokenizers",
                                     description="Tokenizer commands.")
@@ -378,13 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a SentencePiece tokenizer",
         description="Train a SentencePiece tokenizer ([PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, "
         "[MASK] 4) and write DIR/tokenizer.model plus the files transformers' AutoTokenizer "
-        "loads with the same ids.",
+        "loads with the same ids. The same sources and arguments give byte-identical files.",
     )
     train_tok.add_argument("--vocab-size", type=int, required=True)
     train_tok.add_argument("--out", required=True, metavar="DIR")
     train_tok.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+    train_tok.add_argument("--seed", type=int, default=21,
+                           help="seed of the sample of lines trained on when there are more "
+                           "than 300,000 (the same inputs and seed give the same tokenizer)")
     _add_source_options(train_tok)
-    train_tok.set_defaults(run=_tokenizer_train)
+    train_tok.set_defaults(run=_tokenizer_train, parser=train_tok)
 
     data = commands.add_parser("data", help="prepare and inspect training data",
                                description="Data commands.")
@@ -399,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, metavar="DIR")
     prepare.add_argument("--workers", type=int, help="processes (default: every core)")
     prepare.add_argument("--documents-per-shard", type=int, default=4096)
-    prepare.set_defaults(run=_data_prepare)
+    prepare.set_defaults(run=_data_prepare, parser=prepare)
 
     inspect = data_commands.add_parser(
         "inspect", help="dump batches and show a decoded row",
@@ -410,19 +418,126 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--objective", choices=("mlm", "clm"), default="mlm")
     inspect.add_argument("--batches", type=int, default=1)
     inspect.add_argument("--out", metavar="FILE.npz")
-    inspect.set_defaults(run=_data_inspect)
+    inspect.set_defaults(run=_data_inspect, parser=inspect)
     return parser
 
 
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. `key=value` recipe overrides (and a command's other list
+    arguments, such as data sources) may stand anywhere after the subcommand, before or after
+    its options. Exits with status 2 and one clear line for anything else it cannot place,
+    naming the option meant where a token looks like a mistyped one."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    command: argparse.ArgumentParser = args.parser
+    for token in getattr(args, "overrides", []):
+        mistake = _mistyped_option(token, command)
+        if mistake:
+            command.error(mistake)
+    unplaced = []
+    for token in extras:
+        mistake = _mistyped_option(token, command)
+        if mistake:
+            command.error(mistake)
+        if hasattr(args, "overrides") and _OVERRIDE.match(token):
+            args.overrides.append(token)
+        elif hasattr(args, "sources") and not token.startswith("-"):
+            args.sources.append(token)
+        else:
+            unplaced.append(token)
+    if unplaced:
+        takes = (" (recipe overrides are dotted key=value pairs, e.g. train.steps=5)"
+                 if hasattr(args, "overrides") else "")
+        command.error(f"unrecognized arguments: {' '.join(unplaced)}{takes}")
+    return args
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
+
+
+def _mistyped_option(token: str, command: argparse.ArgumentParser) -> str | None:
+    """What is wrong with `token` when it looks like an option written the wrong way: a
+    recipe override with dashes, an unknown option (with the closest one), or an option
+    written as key=value. None for anything else."""
+    options = [s for action in command._actions for s in action.option_strings
+               if s.startswith("--")]
+    if token.startswith("-"):
+        name = token.lstrip("-").split("=", 1)[0]
+        if "." in name and "=" in token:
+            return (f"{token!r}: recipe overrides take no dashes; write "
+                    f"{token.lstrip('-')}")
+        return f"unrecognized option {token!r}.{did_you_mean('--' + name, options)}"
+    key, equals, value = token.partition("=")
+    option = "--" + key.replace("_", "-")
+    if equals and "." not in key and option in options:
+        return (f"{token!r} is not a recipe override (those are dotted keys such as "
+                f"train.steps=5); for the option write {option} {value}")
+    return None
+
+
+# What a user meets that is not a bug: reported in one line, exit status 2.
+USER_ERRORS = (ConfigError, CheckpointError, SourceError, TokenizerError, MetricsError,
+               FileNotFoundError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit code (2 for a bad recipe, checkpoint or arguments)."""
-    args = build_parser().parse_args(argv)
+    """Runs the CLI; returns the exit code: 2 for a bad recipe, checkpoint, input or
+    arguments, 1 for any other failure (one line, the traceback saved to a file), 130 when
+    interrupted."""
+    args = parse_arguments(argv)
+    name = args.parser.prog
+    select_platforms()
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, SourceError, TokenizerError, MetricsError,
-            FileNotFoundError) as err:
-        print(f"ettin-jax {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"{name}: error: {err}{_make_hint(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, permissions, a vanished mount: the message names it
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a bug: one line here, the traceback in a file
+        if "RESOURCE_EXHAUSTED" in str(err):
+            print(f"{name}: error: out of device memory ({_first_line(err)}); use smaller "
+                  f"microbatches (train.microbatch_size) or more devices", file=sys.stderr)
+            return 2
+        saved = _save_traceback()
+        print(f"{name}: internal error: {type(err).__name__}: {_first_line(err)} (the "
+              f"traceback is in {saved}; please report it)", file=sys.stderr)
+        return 1
+
+
+# The demo's inputs, as the Makefile names them: what to run when one is missing.
+_DEMO_DIR = Path("runs", "demo")
+_DEMO_DATA = ("data", "heldout", "tokenizer")
+
+
+def _make_hint(err: BaseException) -> str:
+    """For a missing input of the demo (a path under runs/demo), the make target that
+    creates it; "" otherwise."""
+    path = getattr(err, "path", None)
+    if path is None or Path(path).parts[:2] != _DEMO_DIR.parts:
+        return ""
+    parts = Path(path).parts
+    target = "make demo-data" if len(parts) > 2 and parts[2] in _DEMO_DATA else "make demo"
+    return f" (for the demo, `{target}` creates it)"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _save_traceback() -> str:
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="ettin-jax-", suffix=".traceback.txt",
+                                     delete=False) as file:
+        traceback.print_exc(file=file)
+    return file.name
 
 
 if __name__ == "__main__":

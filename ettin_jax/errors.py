@@ -23,5 +23,14 @@ class CheckpointError(ValueError):
     the message names the directory or file, the tensor or field, and what was expected."""
 
 
+class MissingCheckpointError(CheckpointError):
+    """A run, member or step directory holds no checkpoint (yet); `path` is it and the message
+    says how to train one."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.path = str(path)
+
+
 class MetricsError(ValueError):
     """A run directory has no usable metrics; the message names the directory or file."""

@@ -6,11 +6,20 @@ whose work is independent along the batch (and heads) run instead under `jax.sha
 device on its own shard: the caller, who knows the mesh, says where those dimensions live with
 a `ShardedOver`. (`jax.experimental.custom_partitioning` would let XLA decide this without the
 caller's help, but it does not work on TPU: jax-ml/jax#38196.)
+
+The caller says it once, around the code it traces, rather than to every layer: models stay
+free of meshes (one graph serves every mesh) and the kernels read the mesh when they are called:
+
+    with kernels_sharded_over(ShardedOver(mesh, batch=("data", "fsdp"))):
+        loss = model(...)          # traced inside a sharded jax.jit
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
 
 from jax.sharding import Mesh, PartitionSpec
 
@@ -18,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec
 @dataclasses.dataclass(frozen=True)
 class ShardedOver:
     """The mesh axes that split a kernel's independent dimensions: `batch` (rows) and `heads`
-    (attention heads, tensor parallelism). Hashable, so models keep it as a static attribute."""
+    (attention heads, tensor parallelism)."""
 
     mesh: Mesh
     batch: tuple[str, ...]
@@ -28,3 +37,23 @@ class ShardedOver:
         """PartitionSpec of an array whose dimensions are named "batch", "heads" or None."""
         axes = {"batch": self.batch or None, "heads": self.heads or None}
         return PartitionSpec(*(axes[d] if d is not None else None for d in dims))
+
+
+_CURRENT: contextvars.ContextVar[ShardedOver | None] = contextvars.ContextVar(
+    "kernels_sharded_over", default=None)
+
+
+@contextlib.contextmanager
+def kernels_sharded_over(sharded_over: ShardedOver | None) -> Iterator[None]:
+    """Within the block, kernels run per shard of `sharded_over` (None: unsharded). Enter it
+    inside the function that jax.jit traces, so that the compiled step carries it."""
+    token = _CURRENT.set(sharded_over)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_sharding() -> ShardedOver | None:
+    """The `ShardedOver` of the innermost `kernels_sharded_over` block, or None."""
+    return _CURRENT.get()

@@ -66,3 +66,70 @@ def test_bad_input_exits_2_with_one_line(argv, fragment, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"ettin-jax {argv[0]}: error:") and fragment in err
     assert "Traceback" not in err
+
+
+# --- the command line as a new user types it ---------------------------------------------------
+
+ONE_PHASE = Path(__file__).resolve().parent / "recipes" / "tiny-one-phase.yaml"
+
+
+def test_overrides_go_anywhere_after_the_subcommand(capsys):
+    import json
+
+    for argv in (["train", str(RECIPES / "tiny.yaml"), "--dry-run", "train.tokens=5000",
+                  "--json", "phases.2.train.tokens=777"],
+                 ["train", "--json", str(RECIPES / "tiny.yaml"), "train.tokens=5000",
+                  "--dry-run", "phases.2.train.tokens=777"]):
+        assert main(argv) == 0
+        phases = json.loads(capsys.readouterr().out)["members"]["encoder"]["phases"]
+        assert [p["tokens"] for p in phases] == [5000, 150_000, 777]
+    assert main(["describe", "tiny", "--json", "train.seq_len=64"]) == 0
+    assert "64" in json.dumps(json.loads(capsys.readouterr().out))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "R.yaml", "--run_dir", "r"], "unrecognized option '--run_dir'. Did you mean "
+                                            "'--run-dir'?"),
+    (["train", "R.yaml", "--train.steps=5"], "'--train.steps=5': recipe overrides take no "
+                                             "dashes; write train.steps=5"),
+    (["train", "R.yaml", "--dry-run", "run-dir=r"], "'run-dir=r' is not a recipe override "
+                                                   "(those are dotted keys such as "
+                                                   "train.steps=5); for the option write "
+                                                   "--run-dir r"),
+    (["train", "R.yaml", "--dry-run", "only=encoder"], "'only=encoder' is not a recipe "
+                                                      "override (those are dotted keys such as "
+                                                      "train.steps=5); for the option write "
+                                                      "--only encoder"),
+    (["eval", "RUN", "--json", "stray"], "unrecognized arguments: stray"),
+])
+def test_option_typos_get_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"ettin-jax {argv[0]}: error: {message}" in err and "Traceback" not in err
+
+
+def test_missing_inputs_name_the_command_that_creates_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the demo's relative paths (runs/demo/...) do not exist here
+    assert main(["train", str(RECIPES / "tiny.yaml"), "--run-dir", "r"]) == 2
+    err = capsys.readouterr().err
+    assert ("ettin-jax train: error: data.sources.0: prepared data runs/demo/data does not "
+            "exist; prepare it with `ettin-jax data prepare SOURCE... --tokenizer "
+            "TOKENIZER_DIR --out runs/demo/data` (for the demo, `make demo-data` creates it)"
+            ) in err
+    assert not (tmp_path / "r").exists()  # a failed start leaves no recipe behind
+    assert main(["train", str(ONE_PHASE), "data.tokenizer=tok", "--run-dir", "r"]) == 2
+    assert ("data.tokenizer: tok does not exist; train a tokenizer there with `ettin-jax "
+            "tokenizer train [SOURCE...] --vocab-size N --out tok`") in capsys.readouterr().err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "recipe.yaml").write_text("train: {steps: 3}\n")
+    for command in (["eval", "r"], ["export", "r"], ["fill-mask", "r", "a [MASK]"],
+                    ["generate", "r", "a"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ettin-jax {command[0]}: error: r: no checkpoint here")
+        assert "train the pair first: `ettin-jax train r/recipe.yaml --run-dir r`" in err
+    assert main(["fill-mask", "runs/demo", "a [MASK]"]) == 2
+    assert ("runs/demo does not exist; train the pair first: `ettin-jax train RECIPE --run-dir "
+            "runs/demo` (for the demo, `make demo` creates it)") in capsys.readouterr().err

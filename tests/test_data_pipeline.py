@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,7 +122,7 @@ def test_prepare_resumes_and_matches_direct_tokenization(corpus, tmp_path):
     (out / "manifest.json").unlink()
     (out / PROGRESS_DIR / "00003.json").unlink()
     (out / "shard-00005.array_record").unlink()
-    with pytest.raises(SourceError, match="did not finish"):
+    with pytest.raises(SourceError, match="unfinished preparation"):
         open_source(SourceConfig(str(out)), tokenizer)
     resumed = prepare([source], tokenizer, out, documents_per_shard=7, workers=1,
                       progress=False)
@@ -150,6 +151,12 @@ def test_prepared_shards_feed_the_pipeline(corpus, tmp_path):
     shutil.rmtree(tmp_path / "p")
 
 
+def _tree_bytes(directory: Path) -> dict[str, bytes]:
+    """{relative path: content} of every file under `directory`."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def test_cli_tokenizer_prepare_inspect_end_to_end(corpus, tmp_path, capsys):
     """What a user runs: train a tokenizer, prepare shards, inspect MLM batches from a recipe."""
     from transformers import AutoTokenizer
@@ -164,6 +171,10 @@ def test_cli_tokenizer_prepare_inspect_end_to_end(corpus, tmp_path, capsys):
         (texts / document.name.replace("/", "_")).write_text(document.text)
     assert main(["tokenizer", "train", "--vocab-size", "400", "--out", str(tmp_path / "tok"),
                  str(texts)]) == 0
+    # Same command, same bytes: the tokenizer and the shards (whatever the worker count).
+    assert main(["tokenizer", "train", str(texts), "--vocab-size", "400", "--out",
+                 str(tmp_path / "again")]) == 0
+    assert _tree_bytes(tmp_path / "again") == _tree_bytes(tmp_path / "tok")
     assert main(["tokenizer", "train", "--vocab-size", "90000", "--out", str(tmp_path / "t2"),
                  str(texts)]) == 2
     assert "Vocabulary size too high" in capsys.readouterr().err
@@ -171,6 +182,10 @@ def test_cli_tokenizer_prepare_inspect_end_to_end(corpus, tmp_path, capsys):
     assert main(["data", "prepare", str(corpus), "--tokenizer", str(tmp_path / "tok"),
                  "--out", str(tmp_path / "prepared"), "--workers", "1"]) == 0
     assert "prepared 40 documents" in capsys.readouterr().out
+    assert main(["data", "prepare", "--tokenizer", str(tmp_path / "again"), str(corpus),
+                 "--out", str(tmp_path / "prepared-again"), "--workers", "2",
+                 "--documents-per-shard", "4096"]) == 0
+    assert _tree_bytes(tmp_path / "prepared-again") == _tree_bytes(tmp_path / "prepared")
 
     recipe = "tests/recipes/tiny-one-phase.yaml"  # bundled sources, no tokenizer
     overrides = [f"data.sources=[{{path: {tmp_path / 'prepared'}}}]", "train.seq_len=48",

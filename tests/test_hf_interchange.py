@@ -305,6 +305,9 @@ def test_not_a_checkpoint(exported, tmp_path, capsys):
         hf.from_pretrained(broken)
     assert main(["import", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "not a directory" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="o does not exist; train the pair first"):
+        find_members(tmp_path / "o")
+    (tmp_path / "o").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint here"):
         find_members(tmp_path / "o")
 

@@ -117,6 +117,12 @@ def test_a_finished_run_resumes_to_nothing_and_refuses_another_recipe(trained_ru
 def test_run_dir_accepts_resume_compatible_changes_only(tmp_path):
     recipe = load_recipe(RECIPES / "tiny.yaml")
     assert claim_run_dir(tmp_path, recipe) == {}
+    # Before any checkpoint, a failed start holds nobody to its recipe.
+    other = load_recipe(RECIPES / "tiny.yaml", ["train.seq_len=64"])
+    assert claim_run_dir(tmp_path, other) == {}
+    assert load_recipe(tmp_path / "recipe.yaml") == other
+    assert claim_run_dir(tmp_path, recipe) == {}
+    (tmp_path / "decoder" / "checkpoints" / "3").mkdir(parents=True)  # from now on it does
     moved = load_recipe(RECIPES / "tiny.yaml", ["mesh.data=2", "logging.every_steps=1",
                                                 "phases.2.model.attention_impl=pallas"])
     assert set(claim_run_dir(tmp_path, moved)) == {
@@ -206,7 +212,7 @@ def test_fill_mask_generate_plot_and_export_on_a_run(trained_run, capsys, tmp_pa
 
 def test_tiny_cross_objective_recipe_starts_from_the_other_member(trained_run, tmp_path):
     from ettin_jax.training.checkpoint import restore_weights
-    from ettin_jax.training.phases import _initial_params
+    from ettin_jax.training.resume import _initial_params
 
     recipe = load_recipe(RECIPES / "tiny-enc2dec.yaml", [
         *SMALL, "data.sources=[{path: bundled}]", "data.heldout=[{path: bundled}]",

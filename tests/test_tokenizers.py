@@ -70,6 +70,15 @@ def test_encode_decode_pickle_and_load(trained, rng):
     assert load_tokenizer(out / "tokenizer.model").vocab_size == 2048
 
 
+def test_training_is_reproducible_and_seeded():
+    """The same lines and seed give the same model bytes, also when the lines are sampled;
+    another seed samples other lines."""
+    texts = [d.text for d in bundled_documents("train")[:30]]
+    models = [SentencePieceTokenizer.train(texts, vocab_size=500, max_sentences=3000,
+                                           seed=seed)._data for seed in (7, 7, 8)]
+    assert models[0] == models[1] and models[0] != models[2]
+
+
 def test_bpe_model_type_trains_too():
     texts = [d.text for d in bundled_documents("train")[:40]]
     tokenizer = SentencePieceTokenizer.train(texts, vocab_size=600, model_type="bpe")

@@ -25,7 +25,6 @@ from pallas_kernels.flash_attention import (
     visibility_mask,
 )
 from pallas_kernels.flash_attention.reference import masked_attention
-from pallas_kernels.partitioning import ShardedOver
 
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "cudnn")
 
@@ -48,7 +47,6 @@ def dot_product_attention(
     causal: bool,
     window: Window | None,
     impl: str = "xla",
-    sharded_over: ShardedOver | None = None,
 ) -> jax.Array:
     """Softmax attention of q, k, v [B, S, heads, head_dim] under the mask semantics above.
 
@@ -56,15 +54,14 @@ def dot_product_attention(
     fp32. Returns [B, S, heads, head_dim] in v's dtype, zero at padding queries.
     `impl`: "xla" (dense reference, runs everywhere), "pallas" (the flash-attention kernels of
     `pallas_kernels`; interpret mode on CPU), "cudnn" (jax.nn.dot_product_attention on a CUDA
-    GPU). `sharded_over`: where batch and heads live on the mesh under a sharded jit, so that
-    the Pallas kernels run per shard (XLA partitions the other implementations itself).
+    GPU). Under a sharded step the Pallas kernels run per shard of the mesh the step names
+    (`pallas_kernels.partitioning.kernels_sharded_over`); XLA partitions the others itself.
     """
     if impl == "xla":
         return reference_attention(q, k, v, causal=causal, window=window,
                                    segment_ids=segment_ids)
     if impl == "pallas":
-        return flash_attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids,
-                               sharded_over=sharded_over)
+        return flash_attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids)
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, segment_ids, causal=causal, window=window)
     raise ValueError(

@@ -24,7 +24,6 @@ from flax import nnx
 from ettin_jax.models.attention import cached_attention, dot_product_attention, local_window
 from ettin_jax.models.config import ModelConfig
 from ettin_jax.models.rope import apply_rope, rope_tables
-from pallas_kernels.partitioning import ShardedOver
 
 RopeTables = dict[str, tuple[jax.Array, jax.Array]]
 Extra = TypeVar("Extra")
@@ -102,10 +101,8 @@ class Embeddings(nnx.Module):
 class Attention(nnx.Module):
     """Fused-QKV self-attention with RoPE; global or local (windowed) by layer index."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, causal: bool, rngs: nnx.Rngs,
-                 sharded_over: ShardedOver | None = None):
+    def __init__(self, config: ModelConfig, layer: int, *, causal: bool, rngs: nnx.Rngs):
         self.num_heads = config.num_heads
-        self.sharded_over = sharded_over
         self.head_dim = config.head_dim
         self.causal = causal
         self.kind = "global" if config.is_global_layer(layer) else "local"
@@ -122,8 +119,7 @@ class Attention(nnx.Module):
                  deterministic: bool, dropout_rng: jax.Array | None) -> jax.Array:
         q, k, v = self._project(x, rope)
         out = dot_product_attention(
-            q, k, v, segment_ids, causal=self.causal, window=self.window,
-            impl=self.impl, sharded_over=self.sharded_over,
+            q, k, v, segment_ids, causal=self.causal, window=self.window, impl=self.impl,
         )
         return self.out_drop(self._output(out), deterministic=deterministic, rngs=dropout_rng)
 
@@ -176,10 +172,9 @@ class GeGLU(nnx.Module):
 class TransformerBlock(nnx.Module):
     """Pre-norm block: h += attn(attn_norm(h)); h += mlp(mlp_norm(h)). Layer 0 has no attn_norm."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, causal: bool, rngs: nnx.Rngs,
-                 sharded_over: ShardedOver | None = None):
+    def __init__(self, config: ModelConfig, layer: int, *, causal: bool, rngs: nnx.Rngs):
         self.attn_norm = layer_norm(config, rngs=rngs) if layer != 0 else None
-        self.attn = Attention(config, layer, causal=causal, rngs=rngs, sharded_over=sharded_over)
+        self.attn = Attention(config, layer, causal=causal, rngs=rngs)
         self.mlp_norm = layer_norm(config, rngs=rngs)
         self.mlp = GeGLU(config, rngs=rngs)
 

@@ -30,7 +30,6 @@ from ettin_jax.models.layers import (
     vocab_bias,
 )
 from ettin_jax.models.rope import document_positions
-from pallas_kernels.partitioning import ShardedOver
 
 ParamPath = tuple[str | int, ...]
 
@@ -42,13 +41,14 @@ class EttinModel(nnx.Module):
       config: the architecture (`ModelConfig`).
       objective: "mlm" builds the bidirectional encoder, "clm" the causal decoder.
       rngs: NNX rngs for parameter initialisation (stream "params" or default).
-      sharded_over: under a sharded jit, where batch and heads live on the mesh, so that the
-        Pallas attention kernels run per shard (a static attribute; no effect on parameters).
     Raises ValueError for an unknown objective.
+
+    The network knows nothing of meshes: one GraphDef serves every mesh. Under a sharded step,
+    the attention kernels find where the batch lives at call time
+    (`pallas_kernels.partitioning.kernels_sharded_over`).
     """
 
-    def __init__(self, config: ModelConfig, objective: Objective, *, rngs: nnx.Rngs,
-                 sharded_over: ShardedOver | None = None):
+    def __init__(self, config: ModelConfig, objective: Objective, *, rngs: nnx.Rngs):
         if objective not in OBJECTIVES:
             raise ValueError(
                 f"unknown objective {objective!r}.{did_you_mean(objective, OBJECTIVES)} "
@@ -59,7 +59,7 @@ class EttinModel(nnx.Module):
         causal = objective == "clm"
         self.embeddings = Embeddings(config, rngs=rngs)
         self.layers = nnx.List(
-            [TransformerBlock(config, i, causal=causal, rngs=rngs, sharded_over=sharded_over)
+            [TransformerBlock(config, i, causal=causal, rngs=rngs)
              for i in range(config.num_layers)]
         )
         self.final_norm = layer_norm(config, rngs=rngs)

@@ -9,6 +9,7 @@
         recipe/                       (training) JSON: the resolved recipe
         PHASE_END                     (training) when the step ended a phase: its name
       tokenizer/                    tokenizer files (optional), shared by every step
+      unreadable-checkpoints/<step> (training) steps found damaged on resume, set aside
 
 Orbax writes each step to a temporary directory and renames it when complete, so a step that
 was being written when the process died is never listed. Other items (optimizer state, data
@@ -19,6 +20,7 @@ alone.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,13 @@ from data_pipelines.special_tokens import SpecialTokens
 from data_pipelines.tokenizer_files import copy_tokenizer_files
 from ettin_jax.config.loading import dataclass_from_dict, recipe_to_dict
 from ettin_jax.config.schema import CheckpointConfig
-from ettin_jax.errors import CheckpointError, ConfigError
+from ettin_jax.errors import CheckpointError, ConfigError, MissingCheckpointError
 from ettin_jax.models import EttinModel, ModelConfig
 from ettin_jax.models.config import OBJECTIVES, Objective, model_differences
 from ettin_jax.training.state import TrainState
 
 CHECKPOINTS = "checkpoints"
+UNREADABLE = "unreadable-checkpoints"
 TOKENIZER = "tokenizer"
 PHASE_END = "PHASE_END"  # in a step directory: the step ended the phase the file names
 FORMAT_VERSION = 1
@@ -95,21 +98,32 @@ def restore_weights(path: str | Path, *, step: int | None = None) -> RestoredWei
     Raises CheckpointError when `path` holds no complete checkpoint, or its metadata is not
     one this version reads.
     """
-    member_dir, step = _locate(Path(path).absolute(), step)
+    member_dir, step = _locate(Path(path), step)
     step_dir = member_dir / CHECKPOINTS / str(step)
-    with ocp.CheckpointManager(member_dir / CHECKPOINTS) as manager:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        config, objective, special_tokens = _read_meta(meta, step_dir)
-        model = nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0)))
-        state = nnx.state(model, nnx.Param)
-        abstract = nnx.to_pure_dict(state)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract)))["params"]
+    with ocp.CheckpointManager(member_dir.absolute() / CHECKPOINTS) as manager:
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+            config, objective, special_tokens = _read_meta(meta, step_dir)
+            model = nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0)))
+            state = nnx.state(model, nnx.Param)
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(nnx.to_pure_dict(state))))["params"]
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - damaged files: say which step and what to do
+            others = sorted(s for s in manager.all_steps() if s != step)
+            raise CheckpointError(
+                f"{step_dir} cannot be read ({_first_line(err)}); use another step "
+                f"({', '.join(map(str, others)) or 'none is left'}), e.g. its "
+                f"{CHECKPOINTS}/<step> directory or --step, or rerun `ettin-jax train`, which "
+                f"sets an unreadable checkpoint aside and resumes from the newest readable one"
+            ) from None
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
-    tokenizer_dir = member_dir / TOKENIZER
+    tokenizer_dir = member_dir.absolute() / TOKENIZER
     return RestoredWeights(model, special_tokens, tokenizer_dir if tokenizer_dir.is_dir() else None,
-                           step, step_dir)
+                           step, step_dir.absolute())
 
 
 def restore_progress(member_dir: str | Path, step: int) -> dict:
@@ -125,16 +139,42 @@ def restore_progress(member_dir: str | Path, step: int) -> dict:
 
 def find_members(path: str | Path) -> dict[str, Path]:
     """The checkpoints under `path`: {"encoder": dir, "decoder": dir} for a run directory, or
-    {"": path} for a member or step directory. Raises CheckpointError when there are none."""
+    {"": path} for a member or step directory. Raises MissingCheckpointError, saying how to
+    train one, when there are none."""
     path = Path(path)
     members = {name: path / name for name in MEMBERS if (path / name / CHECKPOINTS).is_dir()}
     if members:
         return members
     if (path / CHECKPOINTS).is_dir() or _is_step_dir(path):
         return {"": path}
-    raise CheckpointError(
+    if not path.exists():
+        raise MissingCheckpointError(f"{path} does not exist; {_train_first(path)}", path)
+    raise MissingCheckpointError(
         f"{path}: no checkpoint here (expected a run directory with encoder/ or decoder/, a "
-        f"directory with {CHECKPOINTS}/, or a step directory {CHECKPOINTS}/<step>)")
+        f"directory with {CHECKPOINTS}/, or a step directory {CHECKPOINTS}/<step>); "
+        f"{_train_first(path)}", path)
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether a member of RUN_DIR holds a complete checkpoint step (orbax names a step being
+    written otherwise, so a started but never saved run has none)."""
+    return any(step.name.isdigit() for member in MEMBERS
+               for step in (Path(run_dir) / member / CHECKPOINTS).glob("*"))
+
+
+def _train_first(path: Path) -> str:
+    """How to get checkpoints at `path`: the train command of its run directory."""
+    from ettin_jax.training.run_dir import RECIPE_FILE
+
+    run_dir = path.parent if path.name in MEMBERS else path
+    recipe = run_dir / RECIPE_FILE
+    return (f"train the pair first: `ettin-jax train "
+            f"{recipe if recipe.is_file() else 'RECIPE'} --run-dir {run_dir}`")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 def _is_step_dir(path: Path) -> bool:
@@ -151,10 +191,11 @@ def _locate(path: Path, step: int | None) -> tuple[Path, int]:
         member_dir, wanted = path, step
     else:
         raise CheckpointError(f"{path}: not a checkpoint directory (no {CHECKPOINTS}/ inside)")
-    with ocp.CheckpointManager(member_dir / CHECKPOINTS) as manager:
+    with ocp.CheckpointManager(member_dir.absolute() / CHECKPOINTS) as manager:
         steps = manager.all_steps()
     if not steps:
-        raise CheckpointError(f"{member_dir / CHECKPOINTS}: no complete checkpoint")
+        raise MissingCheckpointError(f"{member_dir / CHECKPOINTS}: no complete checkpoint yet; "
+                                     f"{_train_first(member_dir)}", member_dir)
     if wanted is None:
         return member_dir, max(steps)
     if wanted not in steps:
@@ -211,9 +252,47 @@ class TrainCheckpointer:
         )
         self._manager = ocp.CheckpointManager(self.member_dir / CHECKPOINTS, options=options)
 
+    def __enter__(self) -> TrainCheckpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def latest_step(self) -> int | None:
         """The latest complete step, or None."""
         return self._manager.latest_step()
+
+    def restore_progress(self, step: int) -> dict:
+        """The `progress` item of step `step` (phase, tokens, data state). Raises
+        CheckpointError when the step holds weights only (`ettin-jax import`, `convert`)."""
+        step_dir = self.member_dir / CHECKPOINTS / str(step)
+        if (step_dir / "params").is_dir() and not (step_dir / "progress").is_dir():
+            raise CheckpointError(f"{step_dir} holds weights only (written by ettin-jax import "
+                                  f"or convert), not a training run to resume; start a run "
+                                  f"from it with checkpoint.init_from={self.member_dir}")
+        return self._manager.restore(step, args=ocp.args.Composite(
+            progress=ocp.args.JsonRestore()))["progress"]
+
+    def set_aside(self, step: int) -> Path:
+        """Moves step `step` (found unreadable) out of the checkpoints to
+        MEMBER_DIR/unreadable-checkpoints/<step> (or <step>-2, ... when that exists): never
+        deleted, never resumed from or pruned. Every process calls it; process 0 moves.
+        Returns where the step went."""
+        source = self.member_dir / CHECKPOINTS / str(step)
+        target = self.member_dir / UNREADABLE / str(step)
+        copy = 1
+        while target.exists():
+            copy += 1
+            target = target.with_name(f"{step}-{copy}")
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self._manager.reload()
+        return target
 
     def save(self, step: int, state: TrainState, *, meta: dict, progress: dict,
              recipe: dict) -> None:

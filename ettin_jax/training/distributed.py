@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,26 @@ def _in_a_cluster() -> bool:
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return "," in hosts and not any(ch.isspace() for ch in hosts)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (a collective when there are several: every
+    process must call it at the same point)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.bool_(flag))))
+
+
+def on_process_zero(function: Callable[..., Any], *args: Any) -> None:
+    """function(*args) on process 0 only (messages, files every process would write alike)."""
+    import jax
+
+    if jax.process_index() == 0:
+        function(*args)
 
 
 def merged_across_processes(value: Any) -> Any:

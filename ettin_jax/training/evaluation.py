@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -14,12 +14,18 @@ from flax import nnx
 from data_pipelines.pipeline import make_batch_iterator
 from data_pipelines.tokenizers import load_tokenizer
 from ettin_jax.config import Recipe, load_recipe
+from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models.config import Objective
 from ettin_jax.training.checkpoint import MEMBERS, find_members, restore_progress, restore_weights
-from ettin_jax.training.mesh import batch_sharding, compute_sharding, make_mesh
+from ettin_jax.training.mesh import (
+    batch_sharding,
+    compute_sharding,
+    kernel_sharding,
+    make_mesh,
+)
 from ettin_jax.training.run_dir import RECIPE_FILE
 from ettin_jax.training.state import model_graph, params_shardings
-from ettin_jax.training.step import SparseHead, make_eval_step
+from ettin_jax.training.step import make_eval_step
 
 Evaluator = Callable[[dict], dict[str, float]]
 
@@ -38,13 +44,11 @@ def make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params
     rows = batch_sharding(mesh)
     fixed = [{k: jax.make_array_from_process_local_data(rows, v) for k, v in next(stream).items()}
              for _ in range(batches)]
-    sparse_head = SparseHead(recipe.data.mlm_mask_ratio, mesh) if objective == "mlm" else None
-    step = jax.jit(make_eval_step(model_graph(recipe.model, objective, mesh),
-                                  microbatch_size=train.microbatch_size,
-                                  compute_shardings=jax.tree.map(compute_sharding,
-                                                                 params_sharding),
-                                  sparse_head=sparse_head),
-                   in_shardings=(params_sharding, rows))
+    step = jax.jit(make_eval_step(
+        model_graph(recipe.model, objective), microbatch_size=train.microbatch_size,
+        compute_shardings=jax.tree.map(compute_sharding, params_sharding),
+        mlm_mask_ratio=recipe.data.mlm_mask_ratio if objective == "mlm" else None,
+        sharded_over=kernel_sharding(mesh)), in_shardings=(params_sharding, rows))
 
     def evaluate(params) -> dict[str, float]:
         sums = [jax.device_get(step(params, batch)) for batch in fixed]
@@ -57,24 +61,37 @@ def make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params
     return evaluate
 
 
-def evaluate_run(run_dir: str | Path, *, batches: int | None = None) -> dict[str, dict]:
+def evaluate_run(run_dir: str | Path, *, batches: int | None = None,
+                 overrides: Sequence[str] = ()) -> dict[str, dict]:
     """Evaluates the latest complete checkpoint of each member in RUN_DIR on its recipe's
     held-out data, with the settings (sequence length, mask ratio) of the phase that checkpoint
-    belongs to; `batches` defaults to logging.eval_batches.
+    belongs to; `batches` defaults to logging.eval_batches; `overrides` (key=value) change
+    RUN_DIR's recipe for this evaluation (e.g. data.heldout).
 
     Returns {member: {step, phase, eval_loss, eval_perplexity, eval_accuracy, eval_targets}}.
-    Raises CheckpointError / ConfigError naming the run directory when it holds no run.
+    Raises CheckpointError / ConfigError naming the run directory when it holds no run, and
+    ConfigError when the phase has no held-out data.
     """
     run_dir = Path(run_dir)
-    recipe = load_recipe(run_dir / RECIPE_FILE)
+    members = find_members(run_dir)
+    recipe_file = run_dir / RECIPE_FILE
+    if not recipe_file.is_file():
+        raise CheckpointError(f"{run_dir}: no {RECIPE_FILE}; eval takes a run directory that "
+                              f"`ettin-jax train` wrote")
+    recipe = load_recipe(recipe_file, overrides)
     mesh = make_mesh(recipe.mesh)
     results = {}
-    for member, member_dir in find_members(run_dir).items():
+    for member, member_dir in members.items():
         objective = MEMBERS[member]
         restored = restore_weights(member_dir)
         phases = recipe.run_phases()
         phase = phases[min(restore_progress(member_dir, restored.step).get("phase", 0),
                            len(phases) - 1)]
+        if not phase.data.heldout:
+            raise ConfigError(
+                f"{recipe_file}: data.heldout is empty (phase {phase.name!r}): there is nothing "
+                f"to evaluate on; name held-out documents, e.g. `ettin-jax eval {run_dir} "
+                f"'data.heldout=[{{path: FILE.jsonl}}]'`")
         sharding = params_shardings(phase.model, objective, mesh)
         params = jax.device_put(nnx.to_pure_dict(nnx.state(restored.model, nnx.Param)), sharding)
         tokenizer = load_tokenizer(restored.tokenizer_dir)

@@ -19,6 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ettin_jax.config.schema import MeshConfig
 from ettin_jax.errors import ConfigError
+from pallas_kernels.partitioning import ShardedOver
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # rows of a batch are split over every device
@@ -88,6 +89,12 @@ def compute_sharding(storage: NamedSharding) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows over every device, sequence replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def kernel_sharding(mesh: Mesh) -> ShardedOver:
+    """Where a batch lives for the kernels that run shard by shard (attention, masked-token
+    packing): rows over every device, heads whole."""
+    return ShardedOver(mesh, BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

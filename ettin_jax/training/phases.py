@@ -4,8 +4,8 @@ A run goes through the recipe's phases in order (`Recipe.run_phases`). Where it 
 `Position`: the phase, how far into it, and the train state. A phase ends when it reaches its
 budget; the next one starts from its final state with the reset rules of `PhaseConfig`: same
 parameters and step count, the optimizer state kept (or fresh for `optimizer_state: reset`),
-its own data stream, schedule and batch-size warmup from its token 0. A restart resumes from
-the latest checkpoint's position, in the phase and step it was written at.
+its own data stream, schedule and batch-size warmup from its token 0. Where a restarted run
+goes on from is decided in `ettin_jax.training.resume`.
 
 `run_plan` is what `ettin-jax train --dry-run` prints: every member's phases, resolved, with
 budgets and training FLOPs, without compiling anything.
@@ -17,22 +17,12 @@ import dataclasses
 from typing import Any
 
 from ettin_jax.config import PhaseConfig, Recipe, TrainConfig, recipe_to_dict
-from ettin_jax.errors import CheckpointError, ConfigError
-from ettin_jax.models.config import (
-    PHASE_MODEL_FIELDS,
-    RUNTIME_MODEL_FIELDS,
-    Objective,
-    model_differences,
-)
+from ettin_jax.errors import ConfigError
+from ettin_jax.models.config import Objective
 from ettin_jax.models.describe import describe_pair, training_flops_per_token
-from ettin_jax.training.checkpoint import (
-    MEMBERS,
-    TrainCheckpointer,
-    restore_progress,
-    restore_weights,
-)
+from ettin_jax.training.checkpoint import MEMBERS
 from ettin_jax.training.optimizer import make_optimizer
-from ettin_jax.training.state import TrainState, abstract_state, init_state, init_state_shardings
+from ettin_jax.training.state import TrainState, init_state
 
 
 def phase_named(recipe: Recipe, name: str) -> PhaseConfig:
@@ -66,37 +56,6 @@ class Position:
     data_state: dict | None = None
 
 
-def starting_position(recipe: Recipe, objective: Objective, mesh,
-                       checkpoints: TrainCheckpointer) -> Position:
-    """The latest complete checkpoint's position (the next phase's start when it ended its
-    phase), or step 0 of the first phase: initialised, or checkpoint.init_from's weights."""
-    phases = recipe.run_phases()
-    step = checkpoints.latest_step()
-    if step is None:
-        first = phases[0]
-        state, _ = init_state(first.model, objective, make_optimizer(first.optimizer), mesh,
-                              seed=first.train.seed, params=_initial_params(recipe, objective))
-        return Position(0, state)
-    progress = restore_progress(checkpoints.member_dir, step)
-    index = progress.get("phase", 0)
-    if index >= len(phases):
-        raise CheckpointError(f"{checkpoints.member_dir} holds phase {index} but the recipe "
-                              f"has {len(phases)} phase(s)")
-    phase = phases[index]
-    checkpoints.check_compatible(step, phase.model, objective)
-    optimizer = make_optimizer(phase.optimizer)
-    shardings = init_state_shardings(phase.model, objective, optimizer, mesh)
-    target = abstract_state(shardings, phase.model, objective, optimizer)
-    state, _, _ = checkpoints.restore(step, target)
-    position = Position(index, state, progress.get("phase_step", step),
-                         progress.get("phase_tokens", progress["tokens"]), progress["tokens"],
-                         progress["data"])
-    if phase_done(phase.train, position.phase_step, position.phase_tokens):
-        checkpoints.mark_phase_end(step, phase.name)  # if a kill came between save and mark
-        return next_phase(recipe, position, objective, mesh)
-    return position
-
-
 def phase_done(train: TrainConfig, phase_step: int, phase_tokens: int) -> bool:
     """Whether a phase with budget `train` (steps and/or real tokens) is over after
     `phase_step` steps and `phase_tokens` tokens of it."""
@@ -115,21 +74,6 @@ def next_phase(recipe: Recipe, position: Position, objective: Objective, mesh) -
                               seed=phase.train.seed, params=state.params)
         state = fresh.replace(step=state.step)
     return Position(index, state, tokens=position.tokens)
-
-
-def _initial_params(recipe: Recipe, objective: Objective):
-    """Weights of checkpoint.init_from (weights-only restore), or None for a fresh init."""
-    if recipe.checkpoint.init_from is None:
-        return None
-    restored = restore_weights(recipe.checkpoint.init_from)
-    differ = model_differences(restored.model.config, recipe.run_phases()[0].model,
-                               ignore=RUNTIME_MODEL_FIELDS + PHASE_MODEL_FIELDS)
-    if differ:
-        raise CheckpointError(f"checkpoint.init_from {recipe.checkpoint.init_from} holds another "
-                              f"architecture than model.* of the recipe: {', '.join(differ)}")
-    from flax import nnx
-
-    return nnx.to_pure_dict(nnx.state(restored.model))
 
 
 def run_plan(recipe: Recipe, *, only: str | None = None) -> dict[str, Any]:

@@ -7,7 +7,8 @@ only ever continues the run it holds.
 A change is resume-compatible when it alters how the run is executed or observed, not what it
 computes: the mesh, logging and evaluation, checkpoint cadence and retention, the attention
 implementation, data loader threads, the non-finite patience. Anything else (model, data,
-budgets, schedules, phases) refuses unless `force`.
+budgets, schedules, phases) refuses unless `force`. A run directory without any checkpoint
+(a start that failed before its first save) holds nobody to its recipe: the new one replaces it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax
 from ettin_jax.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
 from ettin_jax.errors import ConfigError
 from ettin_jax.files import write_text_atomically
+from ettin_jax.training.checkpoint import has_checkpoints
 
 RECIPE_FILE = "recipe.yaml"
 # Dotted keys (fnmatch patterns; "*" also matches the "phases.<i>." prefix) that a resumed run
@@ -52,8 +54,9 @@ def recipe_differences(old: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
 
 def claim_run_dir(run_dir: str | Path, recipe: Recipe, *, force: bool = False
                   ) -> dict[str, tuple[Any, Any]]:
-    """Makes RUN_DIR hold `recipe`: writes RUN_DIR/recipe.yaml (process 0) when there is none
-    or when the one there differs only in resume-compatible keys (or `force`).
+    """Makes RUN_DIR hold `recipe`: writes RUN_DIR/recipe.yaml (process 0) when there is none,
+    when no checkpoint was saved under it yet, or when the one there differs only in
+    resume-compatible keys (or `force`).
 
     Returns the differences accepted ({} for a new or identical recipe). Raises ConfigError
     naming the run directory and the differing keys when the recipe there is another one.
@@ -61,7 +64,7 @@ def claim_run_dir(run_dir: str | Path, recipe: Recipe, *, force: bool = False
     run_dir = Path(run_dir)
     path = run_dir / RECIPE_FILE
     changes: dict[str, tuple[Any, Any]] = {}
-    if path.is_file():
+    if path.is_file() and has_checkpoints(run_dir):
         changes = recipe_differences(load_recipe(path), recipe)
         blocking = [k for k in changes
                     if not any(fnmatch.fnmatchcase(k, p) for p in RESUME_COMPATIBLE)]

@@ -13,8 +13,7 @@ from jax.sharding import Mesh
 
 from ettin_jax.models import EttinModel, ModelConfig
 from ettin_jax.models.config import Objective
-from ettin_jax.training.mesh import BATCH_AXES, parameter_sharding, replicated
-from pallas_kernels.partitioning import ShardedOver
+from ettin_jax.training.mesh import parameter_sharding, replicated
 
 Params = dict[str, Any]  # nnx pure dict of the model's parameters
 
@@ -32,13 +31,10 @@ class TrainState:
     nonfinite_streak: jax.Array
 
 
-def model_graph(config: ModelConfig, objective: Objective,
-                mesh: Mesh | None = None) -> nnx.GraphDef:
-    """The static structure of the model (no arrays), to merge with params in the step. With
-    `mesh`, attention kernels run per shard of the batch rows (split over every mesh axis)."""
-    sharded_over = None if mesh is None else ShardedOver(mesh, BATCH_AXES)
-    abstract = nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0),
-                                                 sharded_over=sharded_over))
+def model_graph(config: ModelConfig, objective: Objective) -> nnx.GraphDef:
+    """The static structure of the model (no arrays), to merge with params in the step; the
+    same for every mesh."""
+    abstract = nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0)))
     return nnx.split(abstract)[0]
 
 

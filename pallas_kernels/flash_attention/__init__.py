@@ -27,7 +27,7 @@ from pallas_kernels.flash_attention import gpu, tpu
 from pallas_kernels.flash_attention.mask import Window, is_visible, visibility_mask
 from pallas_kernels.flash_attention.plan import BlockPlan, make_plan, visit_ranges
 from pallas_kernels.flash_attention.reference import reference_attention
-from pallas_kernels.partitioning import ShardedOver
+from pallas_kernels.partitioning import ShardedOver, current_sharding
 
 BACKENDS = ("tpu", "gpu")
 
@@ -77,7 +77,8 @@ def flash_attention(
     TPU, Triton on CUDA GPUs, the TPU kernels in interpret mode on CPU. So AOT compilation
     for a TPU topology from a CPU process gets the Mosaic kernels. `sharded_over`: under a
     sharded jit, the mesh axes that split batch and heads; each device then runs the kernels
-    on its own shard (`partitioning`). Without it, sharded inputs are gathered first.
+    on its own shard (`partitioning`). None takes the enclosing `kernels_sharded_over` block's;
+    without either, sharded inputs are gathered first.
     Returns [B, S, H, D] in q's dtype.
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -97,6 +98,7 @@ def flash_attention(
     for name in BACKENDS if backend is None else (backend,):  # bad blocks or window: fail now
         _plan(seq_len, options, name)
     attention = functools.partial(_attention, options=options)
+    sharded_over = sharded_over or current_sharding()
     if sharded_over is not None:
         heads, rows = sharded_over.spec("batch", None, "heads", None), sharded_over.spec("batch")
         attention = jax.shard_map(attention, mesh=sharded_over.mesh,

@@ -1,21 +1,37 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both install first.
+# Two commands on a fresh machine: `make demo` and `make test`. Both install first, from the
+# committed lock (requirements.lock: the exact version of every package the tests passed with);
+# `make lock` refreshes it from the newest versions setup.cfg allows.
 VENV := .venv
 PY := $(VENV)/bin/python
 ETTIN := $(VENV)/bin/ettin-jax
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 DEMO := runs/demo
 # The demo runs on CPU (JAX would otherwise probe for the TPU runtime the `tpu` extra installs).
 DEMO_ENV := JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu}
 
-.PHONY: install demo demo-data test clean
+.PHONY: install lock demo demo-data test clean
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# PIP_CONSTRAINT also holds pip's build environments (setuptools) to the lock.
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,tpu]'
+	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet --upgrade pip
+	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet -e '.[test,tpu]'
 	touch $(STAMP)
+
+# Resolve setup.cfg's requirements afresh in a scratch environment and record every version.
+lock:
+	rm -rf .lock-venv
+	python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	.lock-venv/bin/python -m pip install --quiet '.[test,tpu]'
+	{ echo "# Exact versions \`make install\` and CI install (pip constraints). Refresh: make lock."; \
+	  echo "# Resolved on Linux x86_64, Python $$(.lock-venv/bin/python -c 'import platform; print(platform.python_version())')."; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude ettin-jax; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv build *.egg-info
 
 # The bundled corpus, prepared: a tokenizer, then ArrayRecord shards of the train and held-out
 # splits (rerunning skips what is done; `data prepare` resumes an interrupted run).

@@ -12,7 +12,13 @@ from pathlib import Path
 from data_pipelines.sources import SourceError
 from data_pipelines.tokenizers import TokenizerError
 from ettin_jax.config import Recipe, load_recipe, recipe_from_preset, recipe_to_yaml
-from ettin_jax.errors import CheckpointError, ConfigError, MetricsError, did_you_mean
+from ettin_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    MetricsError,
+    did_you_mean,
+    first_line,
+)
 from ettin_jax.models.presets import PRESETS
 from ettin_jax.platforms import select_platforms
 
@@ -500,11 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - a bug: one line here, the traceback in a file
         if "RESOURCE_EXHAUSTED" in str(err):
-            print(f"{name}: error: out of device memory ({_first_line(err)}); use smaller "
+            print(f"{name}: error: out of device memory ({first_line(err)}); use smaller "
                   f"microbatches (train.microbatch_size) or more devices", file=sys.stderr)
             return 2
         saved = _save_traceback()
-        print(f"{name}: internal error: {type(err).__name__}: {_first_line(err)} (the "
+        print(f"{name}: internal error: {type(err).__name__}: {first_line(err)} (the "
               f"traceback is in {saved}; please report it)", file=sys.stderr)
         return 1
 
@@ -523,11 +529,6 @@ def _make_hint(err: BaseException) -> str:
     parts = Path(path).parts
     target = "make demo-data" if len(parts) > 2 and parts[2] in _DEMO_DATA else "make demo"
     return f" (for the demo, `{target}` creates it)"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "(no message)"
 
 
 def _save_traceback() -> str:

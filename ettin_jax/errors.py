@@ -18,6 +18,16 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
     return f" Did you mean {' or '.join(repr(c) for c in close)}?"
 
 
+def first_line(err: BaseException, *, innermost: bool = False) -> str:
+    """The first line of an error's message (at most 300 characters), or its type's name: how
+    a caught error is named in a one-line report. `innermost`: of the error it was raised
+    from, all the way down (storage libraries wrap the informative one)."""
+    while innermost and err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
 class CheckpointError(ValueError):
     """A checkpoint or HuggingFace directory is missing, incomplete or not what it claims to be;
     the message names the directory or file, the tensor or field, and what was expected."""

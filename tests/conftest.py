@@ -7,9 +7,11 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the tests and every subprocess they start (they inherit
-# the environment): the same programs compile once per machine, not once per process and run.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      str(Path(__file__).resolve().parents[1] / ".cache" / "jax-compilation"))
+# the environment), kept per machine and shared by every checkout: the same programs compile
+# once, not once per process and run. Entries are keyed by the program, the JAX version and
+# the compiler flags, so a stale entry is never used.
+_CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE_HOME / "ettin-jax" / "jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Eight fake CPU devices for mesh tests; unsharded code runs on the first one as before.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -96,6 +98,44 @@ def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
     train_tokenizer(out, vocab_size=512, texts=[d.text for d in bundled_documents()[:4]])
     return out
+
+
+# The TPU ahead-of-time compilations run in one subprocess (tests/tpu_aot_jobs.py: libtpu loads
+# once and stays out of the test process), started as soon as the tests are collected so that it
+# compiles on the second core while the first runs other tests.
+_TPU_AOT: dict = {}
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    if any("tpu_aot" in item.fixturenames for item in items) and not _TPU_AOT:
+        import subprocess
+        import sys
+        import tempfile
+
+        _TPU_AOT["dir"] = tempfile.TemporaryDirectory(prefix="tpu_aot-")
+        _TPU_AOT["out"] = Path(_TPU_AOT["dir"].name) / "results.json"
+        _TPU_AOT["process"] = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("tpu_aot_jobs.py")),
+             str(_TPU_AOT["out"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def pytest_unconfigure(config) -> None:
+    if _TPU_AOT:
+        _TPU_AOT["process"].kill()
+        _TPU_AOT["process"].wait()
+        _TPU_AOT["dir"].cleanup()
+
+
+@pytest.fixture(scope="session")
+def tpu_aot() -> dict:
+    """Every TPU ahead-of-time compilation the tests check: {job: {"result" or "error",
+    "stderr"}} from the subprocess started at collection."""
+    import json
+
+    _, err = _TPU_AOT["process"].communicate(timeout=900)
+    assert _TPU_AOT["process"].returncode == 0, err[-3000:]
+    return json.loads(_TPU_AOT["out"].read_text())
 
 
 @pytest.fixture

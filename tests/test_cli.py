@@ -133,3 +133,21 @@ def test_missing_inputs_name_the_command_that_creates_them(tmp_path, monkeypatch
     assert main(["fill-mask", "runs/demo", "a [MASK]"]) == 2
     assert ("runs/demo does not exist; train the pair first: `ettin-jax train RECIPE --run-dir "
             "runs/demo` (for the demo, `make demo` creates it)") in capsys.readouterr().err
+
+
+def test_a_machine_without_a_tpu_starts_quietly(tokenizer_dir, tmp_path):
+    """`make install` brings libtpu; on a machine without a TPU a command that starts JAX
+    (here: a one-step training run, JAX_PLATFORMS unset) prints none of libtpu's start-up
+    errors, and training-only recipes may leave held-out data out."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    result = subprocess.run(
+        [sys.executable, "-m", "ettin_jax", "train", str(ONE_PHASE), "--run-dir",
+         str(tmp_path / "run"), "train.steps=1", "model.num_layers=1", "train.seq_len=32",
+         "train.global_batch_size=2", f"data.tokenizer={tokenizer_dir}", "--only", "decoder",
+         "data.heldout=[]", "logging.eval_every_steps=1"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "decoder: step 1," in result.stdout
+    for noise in ("E0000", "TPU_WORKER_HOSTNAMES", "TPU accelerator", "libtpu"):
+        assert noise not in result.stderr, result.stderr
+    assert "data.heldout is empty: training without held-out evaluation" in result.stderr

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from ettin_jax.config import load_recipe
 from ettin_jax.training.metrics import read_metrics
+from ettin_jax.training.trainer import train_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train.seq_len=64", "model.num_layers=2", "logging.every_steps=1",
@@ -27,8 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+RECIPE = ROOT / "tests" / "recipes" / "tiny-one-phase.yaml"
+
+
 def _command(run_dir, tokenizer_dir, steps, overrides=(), options=()):
-    return [sys.executable, "-m", "ettin_jax", "train", str(ROOT / "tests" / "recipes" / "tiny-one-phase.yaml"),
+    return [sys.executable, "-m", "ettin_jax", "train", str(RECIPE),
             *COMMON, f"train.steps={steps}", f"data.tokenizer={tokenizer_dir}", *overrides,
             "--run-dir", str(run_dir), "--only", "encoder", *options]
 
@@ -58,11 +63,18 @@ STEPS = 5
 
 @pytest.fixture(scope="module")
 def single_process(tokenizer_dir, tmp_path_factory):
-    """Metrics of the run on one process with 8 devices: the reference."""
+    """Metrics of the run on one process with 8 devices, the reference: this test process
+    (eight CPU devices) stands in for a separate one."""
     run_dir = tmp_path_factory.mktemp("single")
-    subprocess.run(_command(run_dir, tokenizer_dir, STEPS, WARMUP, ["--cpu-devices", "8"]),
-                   env=_env(), check=True, capture_output=True)
+    _train_here(run_dir, tokenizer_dir)
     return read_metrics(run_dir / "encoder")
+
+
+def _train_here(run_dir, tokenizer_dir) -> None:
+    """`_command`'s run, in this process on its 8 devices."""
+    recipe = load_recipe(RECIPE, [*COMMON, f"train.steps={STEPS}",
+                                  f"data.tokenizer={tokenizer_dir}", *WARMUP])
+    train_pair(recipe, run_dir, only="encoder")
 
 
 def _assert_same_run(records, reference):
@@ -96,8 +108,7 @@ def test_sigterm_to_one_process_stops_both_and_the_run_resumes_on_one(single_pro
                for out, _ in outputs]
     assert all(p.returncode == 0 for p in processes) and stopped[0] == stopped[1] < STEPS
     # The same run goes on as one process with 8 devices: every process's rows were saved.
-    subprocess.run(_command(run_dir, tokenizer_dir, STEPS, WARMUP, ["--cpu-devices", "8"]),
-                   env=_env(), check=True, capture_output=True)
+    _train_here(run_dir, tokenizer_dir)
     _assert_same_run(read_metrics(run_dir / "encoder"), single_process)
 
 

@@ -180,6 +180,14 @@ def test_eval_reproduces_the_trainers_held_out_numbers(trained_run, capsys):
         assert 0 < result["eval_accuracy"] < 1 and result["eval_targets"] > 0
     assert main(["eval", str(trained_run), "--batches", "1"]) == 0
     assert "encoder (step 7, phase cool): held-out loss" in capsys.readouterr().out
+    # Overrides change the run's recipe for the evaluation: other held-out data, or none.
+    assert main(["eval", str(trained_run), "--json", "data.heldout=[{path: bundled}]",
+                 "--batches", "1"]) == 0
+    on_train = json.loads(capsys.readouterr().out)
+    assert on_train["decoder"]["eval_loss"] != results["decoder"]["eval_loss"]
+    assert main(["eval", str(trained_run), "data.heldout=[]"]) == 2
+    assert (f"{trained_run / 'recipe.yaml'}: data.heldout is empty (phase 'cool'): there is "
+            f"nothing to evaluate on") in capsys.readouterr().err
 
 
 def test_fill_mask_generate_plot_and_export_on_a_run(trained_run, capsys, tmp_path):

@@ -97,15 +97,17 @@ def test_bf16_compute_keeps_fp32_master_weights_and_loss():
 
 
 def test_fsdp_shards_parameters_and_optimizer_state():
+    """Bytes of parameters and optimizer moments on one device, from the train state's
+    shardings (what `init_state` and checkpoint restores place arrays on)."""
     recipe = load_recipe(TINY)
     optimizer = make_optimizer(recipe.optimizer)
 
     def bytes_on_first_device(fsdp):
         mesh = make_mesh(MeshConfig(1, fsdp), jax.devices()[:fsdp])
-        state, _ = init_state(recipe.model, "mlm", optimizer, mesh, seed=0)
-        device = mesh.devices.flat[0]
-        return sum(shard.data.nbytes for leaf in jax.tree.leaves((state.params, state.opt_state))
-                   for shard in leaf.addressable_shards if shard.device == device)
+        shardings = init_state_shardings(recipe.model, "mlm", optimizer, mesh)
+        state = abstract_state(shardings, recipe.model, "mlm", optimizer)
+        return sum(np.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                   for leaf in jax.tree.leaves((state.params, state.opt_state)))
 
     single = bytes_on_first_device(1)
     for n in (2, 4, 8):
@@ -380,6 +382,8 @@ def test_resuming_another_model_shape_is_refused(tmp_path):
         train_member(recipe, "clm", tmp_path / "encoder", tokenizer=ByteTokenizer())
 
 
+# orbax leaves the reads of the damaged file's other arrays unawaited when one read fails.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_an_unreadable_latest_checkpoint_is_set_aside_and_the_run_resumes(tmp_path, capsys):
     """A storage fault truncates a data file of the newest checkpoint: `export` names it, and
     the same training command sets it aside (never deletes it) and resumes from the newest
@@ -405,7 +409,7 @@ def test_an_unreadable_latest_checkpoint_is_set_aside_and_the_run_resumes(tmp_pa
     result = train_member(recipe, "clm", member, tokenizer=ByteTokenizer())
     err = capsys.readouterr().err
     aside = member / "unreadable-checkpoints" / "6"
-    assert f"decoder: checkpoint 6 cannot be read (" in err and f"set aside as {aside}" in err
+    assert "decoder: checkpoint 6 cannot be read (" in err and f"set aside as {aside}" in err
     assert "decoder: resuming from checkpoint 4, the newest readable one" in err
     assert (aside / "params" / damaged.relative_to(member / "checkpoints" / "6" / "params")
             ).stat().st_size == 100  # kept as it was found

@@ -28,6 +28,10 @@ def topology_devices(name: str) -> list:
     """The devices of TPU topology `name` ("v5p:4x4x4"). Raises ConfigError without libtpu."""
     from jax.experimental import topologies
 
+    from ettin_jax.platforms import quiet_tpu_host_discovery
+
+    quiet_tpu_host_discovery()
+
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as err:  # libtpu missing or an unknown topology name

@@ -33,7 +33,7 @@ from data_pipelines.special_tokens import SpecialTokens
 from data_pipelines.tokenizer_files import copy_tokenizer_files
 from ettin_jax.config.loading import dataclass_from_dict, recipe_to_dict
 from ettin_jax.config.schema import CheckpointConfig
-from ettin_jax.errors import CheckpointError, ConfigError, MissingCheckpointError
+from ettin_jax.errors import CheckpointError, ConfigError, MissingCheckpointError, first_line
 from ettin_jax.models import EttinModel, ModelConfig
 from ettin_jax.models.config import OBJECTIVES, Objective, model_differences
 from ettin_jax.training.state import TrainState
@@ -112,9 +112,14 @@ def restore_weights(path: str | Path, *, step: int | None = None) -> RestoredWei
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001 - damaged files: say which step and what to do
+            damage = first_line(err, innermost=True)
+        else:
+            damage = None
+        if damage is not None:
+            forget_failed_reads()
             others = sorted(s for s in manager.all_steps() if s != step)
             raise CheckpointError(
-                f"{step_dir} cannot be read ({_first_line(err)}); use another step "
+                f"{step_dir} cannot be read ({damage}); use another step "
                 f"({', '.join(map(str, others)) or 'none is left'}), e.g. its "
                 f"{CHECKPOINTS}/<step> directory or --step, or rerun `ettin-jax train`, which "
                 f"sets an unreadable checkpoint aside and resumes from the newest readable one"
@@ -172,9 +177,19 @@ def _train_first(path: Path) -> str:
             f"{recipe if recipe.is_file() else 'RECIPE'} --run-dir {run_dir}`")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+def forget_failed_reads() -> None:
+    """After a failed restore: orbax leaves the other reads of the damaged checkpoint as futures
+    whose errors nobody retrieves, and asyncio logs each with a traceback whenever they are
+    collected. Collects them now without that log: the damage has been reported, by name."""
+    import gc
+    import logging
+
+    logger = logging.getLogger("asyncio")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        gc.collect()
+    finally:
+        logger.disabled = disabled
 
 
 def _is_step_dir(path: Path) -> bool:

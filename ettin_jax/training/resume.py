@@ -18,14 +18,14 @@ import sys
 from collections.abc import Callable
 
 from ettin_jax.config import Recipe
-from ettin_jax.errors import CheckpointError
+from ettin_jax.errors import CheckpointError, first_line
 from ettin_jax.models.config import (
     PHASE_MODEL_FIELDS,
     RUNTIME_MODEL_FIELDS,
     Objective,
     model_differences,
 )
-from ettin_jax.training.checkpoint import TrainCheckpointer, restore_weights
+from ettin_jax.training.checkpoint import TrainCheckpointer, forget_failed_reads, restore_weights
 from ettin_jax.training.distributed import any_process, on_process_zero
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.phases import Position, next_phase, phase_done
@@ -46,17 +46,20 @@ def resume_position(recipe: Recipe, objective: Objective, mesh,
     label = checkpoints.member_dir.name
     set_aside = False
     while (step := checkpoints.latest_step()) is not None:
-        position, error = None, None
+        position, damage = None, None
         try:
             position = _restore(recipe, objective, mesh, checkpoints, step)
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001 - any failure to read the files is damage
-            error = err
-        if any_process(error is not None):
+            damage = first_line(err, innermost=True)
+        if damage is not None:
+            forget_failed_reads()
+        if any_process(damage is not None):
             where = checkpoints.set_aside(step)
             on_process_zero(report, f"{label}: checkpoint {step} cannot be read "
-                                    f"({_first_line(error)}); set aside as {where}")
+                                    f"({damage or 'another process could not read it'}); set "
+                                    f"aside as {where}")
             set_aside = True
             continue
         if set_aside:
@@ -109,9 +112,3 @@ def _initial_params(recipe: Recipe, objective: Objective):
 
     return nnx.to_pure_dict(nnx.state(restored.model))
 
-
-def _first_line(error: BaseException | None) -> str:
-    if error is None:
-        return "another process could not read it"
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]

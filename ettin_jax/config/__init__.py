@@ -2,6 +2,7 @@
 
 from ettin_jax.config.loading import (
     load_recipe,
+    override_recipe,
     recipe_from_preset,
     recipe_to_dict,
     recipe_to_yaml,
@@ -33,6 +34,7 @@ __all__ = [
     "SourceConfig",
     "TrainConfig",
     "load_recipe",
+    "override_recipe",
     "recipe_from_preset",
     "recipe_to_dict",
     "recipe_to_yaml",

@@ -65,6 +65,17 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     source = "<defaults>" if path is None else str(path)
     raw, lines = ({}, {}) if path is None else read_recipe_file(Path(path))
+    return _build_with_overrides(raw, overrides, source, lines)
+
+
+def override_recipe(recipe: Recipe, overrides: Sequence[str], *, source: str) -> Recipe:
+    """`recipe` with dotted key=value overrides applied and validated as `load_recipe` does;
+    `source` names where `recipe` came from in errors. Raises ConfigError."""
+    return _build_with_overrides(recipe_to_dict(recipe), overrides, source, {})
+
+
+def _build_with_overrides(raw: RawTree, overrides: Sequence[str], source: str,
+                          lines: Mapping[str, int]) -> Recipe:
     origins: dict[str, str] = {}
     for text in overrides:
         key, value = _parse_override(text)

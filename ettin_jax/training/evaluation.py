@@ -13,7 +13,7 @@ from flax import nnx
 
 from data_pipelines.pipeline import make_batch_iterator
 from data_pipelines.tokenizers import load_tokenizer
-from ettin_jax.config import Recipe, load_recipe
+from ettin_jax.config import Recipe, load_recipe, override_recipe
 from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models.config import Objective
 from ettin_jax.training.checkpoint import MEMBERS, find_members, restore_progress, restore_weights
@@ -66,7 +66,7 @@ def evaluate_run(run_dir: str | Path, *, batches: int | None = None,
     """Evaluates the latest complete checkpoint of each member in RUN_DIR on its recipe's
     held-out data, with the settings (sequence length, mask ratio) of the phase that checkpoint
     belongs to; `batches` defaults to logging.eval_batches; `overrides` (key=value) change
-    RUN_DIR's recipe for this evaluation (e.g. data.heldout).
+    that phase's recipe for this evaluation (e.g. data.heldout).
 
     Returns {member: {step, phase, eval_loss, eval_perplexity, eval_accuracy, eval_targets}}.
     Raises CheckpointError / ConfigError naming the run directory when it holds no run, and
@@ -78,8 +78,7 @@ def evaluate_run(run_dir: str | Path, *, batches: int | None = None,
     if not recipe_file.is_file():
         raise CheckpointError(f"{run_dir}: no {RECIPE_FILE}; eval takes a run directory that "
                               f"`ettin-jax train` wrote")
-    recipe = load_recipe(recipe_file, overrides)
-    mesh = make_mesh(recipe.mesh)
+    recipe = load_recipe(recipe_file)
     results = {}
     for member, member_dir in members.items():
         objective = MEMBERS[member]
@@ -87,15 +86,18 @@ def evaluate_run(run_dir: str | Path, *, batches: int | None = None,
         phases = recipe.run_phases()
         phase = phases[min(restore_progress(member_dir, restored.step).get("phase", 0),
                            len(phases) - 1)]
-        if not phase.data.heldout:
+        settings = override_recipe(recipe.phase_recipe(phase), overrides,
+                                   source=f"{recipe_file} (phase {phase.name!r})")
+        if not settings.data.heldout:
             raise ConfigError(
                 f"{recipe_file}: data.heldout is empty (phase {phase.name!r}): there is nothing "
                 f"to evaluate on; name held-out documents, e.g. `ettin-jax eval {run_dir} "
                 f"'data.heldout=[{{path: FILE.jsonl}}]'`")
-        sharding = params_shardings(phase.model, objective, mesh)
+        mesh = make_mesh(settings.mesh)
+        sharding = params_shardings(settings.model, objective, mesh)
         params = jax.device_put(nnx.to_pure_dict(nnx.state(restored.model, nnx.Param)), sharding)
         tokenizer = load_tokenizer(restored.tokenizer_dir)
-        evaluate = make_evaluator(recipe.phase_recipe(phase), objective, tokenizer, mesh,
-                                  sharding, batches=batches or recipe.logging.eval_batches)
+        evaluate = make_evaluator(settings, objective, tokenizer, mesh, sharding,
+                                  batches=batches or settings.logging.eval_batches)
         results[member] = {"step": restored.step, "phase": phase.name, **evaluate(params)}
     return results

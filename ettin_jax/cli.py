@@ -436,15 +436,12 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     command: argparse.ArgumentParser = args.parser
-    for token in getattr(args, "overrides", []):
+    for token in [*getattr(args, "overrides", []), *extras]:
         mistake = _mistyped_option(token, command)
         if mistake:
             command.error(mistake)
     unplaced = []
     for token in extras:
-        mistake = _mistyped_option(token, command)
-        if mistake:
-            command.error(mistake)
         if hasattr(args, "overrides") and _OVERRIDE.match(token):
             args.overrides.append(token)
         elif hasattr(args, "sources") and not token.startswith("-"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -63,12 +62,14 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.bool_(flag))))
 
 
-def on_process_zero(function: Callable[..., Any], *args: Any) -> None:
-    """function(*args) on process 0 only (messages, files every process would write alike)."""
+def tell_user(message: str) -> None:
+    """One line for the user on stderr, from process 0 only (every process would say it)."""
+    import sys
+
     import jax
 
     if jax.process_index() == 0:
-        function(*args)
+        print(message, file=sys.stderr, flush=True)
 
 
 def merged_across_processes(value: Any) -> Any:

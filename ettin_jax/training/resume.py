@@ -14,9 +14,6 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-
 from ettin_jax.config import Recipe
 from ettin_jax.errors import CheckpointError, first_line
 from ettin_jax.models.config import (
@@ -26,22 +23,17 @@ from ettin_jax.models.config import (
     model_differences,
 )
 from ettin_jax.training.checkpoint import TrainCheckpointer, forget_failed_reads, restore_weights
-from ettin_jax.training.distributed import any_process, on_process_zero
+from ettin_jax.training.distributed import any_process, tell_user
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.phases import Position, next_phase, phase_done
 from ettin_jax.training.state import abstract_state, init_state, init_state_shardings
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def resume_position(recipe: Recipe, objective: Objective, mesh,
-                    checkpoints: TrainCheckpointer, *,
-                    report: Callable[[str], None] = _stderr) -> Position:
-    """The position a run of `recipe` goes on from (see the module docstring). `report`
-    receives, on process 0, one line per checkpoint set aside and the step resumed from after
-    one was. Raises CheckpointError for a checkpoint of another model or objective, or one
+                    checkpoints: TrainCheckpointer) -> Position:
+    """The position a run of `recipe` goes on from (see the module docstring). Tells the user
+    (stderr, process 0) of every checkpoint set aside and the step resumed from after one was.
+    Raises CheckpointError for a checkpoint of another model or objective, or one
     whose phase the recipe does not have."""
     label = checkpoints.member_dir.name
     set_aside = False
@@ -57,17 +49,15 @@ def resume_position(recipe: Recipe, objective: Objective, mesh,
             forget_failed_reads()
         if any_process(damage is not None):
             where = checkpoints.set_aside(step)
-            on_process_zero(report, f"{label}: checkpoint {step} cannot be read "
-                                    f"({damage or 'another process could not read it'}); set "
-                                    f"aside as {where}")
+            tell_user(f"{label}: checkpoint {step} cannot be read "
+                      f"({damage or 'another process could not read it'}); set aside as {where}")
             set_aside = True
             continue
         if set_aside:
-            on_process_zero(report, f"{label}: resuming from checkpoint {step}, the newest "
-                                    f"readable one")
+            tell_user(f"{label}: resuming from checkpoint {step}, the newest readable one")
         return position
     if set_aside:
-        on_process_zero(report, f"{label}: no readable checkpoint is left; starting afresh")
+        tell_user(f"{label}: no readable checkpoint is left; starting afresh")
     first = recipe.run_phases()[0]
     state, _ = init_state(first.model, objective, make_optimizer(first.optimizer), mesh,
                           seed=first.train.seed, params=_initial_params(recipe, objective))

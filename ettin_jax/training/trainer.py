@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ettin_jax.config import PhaseConfig, Recipe, recipe_to_dict
 from ettin_jax.models.config import Objective
 from ettin_jax.models.describe import training_flops_per_token
 from ettin_jax.training.checkpoint import MEMBERS, TOKENIZER, TrainCheckpointer, checkpoint_meta
-from ettin_jax.training.distributed import on_process_zero
+from ettin_jax.training.distributed import tell_user
 from ettin_jax.training.evaluation import make_evaluator
 from ettin_jax.training.hooks import (
     StepHooks,
@@ -66,10 +65,6 @@ class MemberResult:
     failed: bool = False
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def train_pair(recipe: Recipe, run_dir: str | Path, *, only: str | None = None,
                force: bool = False) -> dict[str, MemberResult]:
     """Trains the recipe's members (train.objectives, or `only` "encoder"/"decoder") into
@@ -81,10 +76,10 @@ def train_pair(recipe: Recipe, run_dir: str | Path, *, only: str | None = None,
     tokenizer = load_data_tokenizer(recipe.data)
     mesh = make_mesh(recipe.mesh)
     for note in check_recipe_inputs(recipe, mesh, tokenizer):
-        on_process_zero(_stderr, note)
+        tell_user(note)
     changes = claim_run_dir(run_dir, recipe, force=force)
     if changes:
-        on_process_zero(_stderr, f"{run_dir}: continuing with changed " + "; ".join(
+        tell_user(f"{run_dir}: continuing with changed " + "; ".join(
             f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     results = {}
     with _Preemption() as preemption:

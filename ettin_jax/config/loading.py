@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ettin_jax.config.schema import PhaseConfig, Recipe
+from ettin_jax.config.schema import PhaseConfig, Recipe, TrainConfig
 from ettin_jax.errors import ConfigError, did_you_mean
 from ettin_jax.models.config import ModelConfig
 from ettin_jax.models.presets import PRESETS, get_preset
@@ -80,6 +80,7 @@ def _build_with_overrides(raw: RawTree, overrides: Sequence[str], source: str,
     for text in overrides:
         key, value = _parse_override(text)
         _set_path(raw, key, value, text)
+        _clear_exclusive_sibling(raw, key)
         origins[key] = f"override {text!r}"
     return build_dataclass(Recipe, raw, key="", where=_Where(source, origins, lines))
 
@@ -212,6 +213,13 @@ def build_dataclass(cls: type, raw: Any, *, key: str, where: _Where, base: Any =
                       base=None if base is None else getattr(base, name))
         for name, value in raw.items()
     }
+    for first, second in getattr(cls, "EXCLUSIVE", ()):
+        if values.get(first) is not None and values.get(second) is not None:
+            raise where.error(_join(key, second), f"{first} and {second} are exclusive: set one "
+                                                  f"(the other to null)")
+        for name, other in ((first, second), (second, first)):
+            if values.get(name) is not None and other not in values:
+                values[other] = None  # the section sets `name`: an inherited `other` goes
     base = _base_instance(cls, values, key, where) or base
     if base is None:
         missing = [
@@ -322,6 +330,20 @@ def _parse_override(text: str) -> tuple[str, Any]:
         return key, parse_yaml_value(value)
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: cannot parse the value: {err}") from None
+
+
+def _clear_exclusive_sibling(raw: RawTree, key: str) -> None:
+    """An override of one of an exclusive pair (TrainConfig.EXCLUSIVE) wins over the other in
+    the same section of the file."""
+    *parents, name = key.split(".")
+    siblings = {a: b for pair in TrainConfig.EXCLUSIVE for a, b in (pair, pair[::-1])}
+    if name not in siblings:
+        return
+    node: Any = raw
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if isinstance(node, dict) and siblings[name] in node:
+        node[siblings[name]] = None
 
 
 def _set_path(raw: RawTree, key: str, value: Any, text: str) -> None:

@@ -13,7 +13,7 @@ train.seq_len, train.seed, checkpoint.every_steps, mesh.data, mesh.fsdp, model.p
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from data_pipelines.config import DataConfig, SourceConfig
 from ettin_jax.models.config import (
@@ -39,20 +39,35 @@ class TrainConfig:
     whichever is reached first (the step that reaches `tokens` is the last); either may be
     null, not both. The learning-rate schedule spans `tokens` when set, else steps x
     global_batch_size x seq_len token slots (an upper bound of the real tokens).
-    global_batch_size: rows per update over all hosts; seq_len: tokens per row; seed: the one
-    seed of init, data order and masking (Ettin used 21); objectives: which members of the pair
-    to train; microbatch_size: rows per gradient accumulation microbatch (None = no
-    accumulation); batch_warmup_tokens: Ettin's batch-size warmup, the batch grows linearly in
-    real tokens seen from one microbatch to global_batch_size over this many tokens, in whole
-    microbatches (0 = off; needs microbatch_size); max_nonfinite_steps: updates in a row
-    skipped for a non-finite loss or gradient before the run saves and stops.
+    The batch is sized in rows or in real tokens, one of the two (setting one in a recipe
+    section or override clears the other there):
+    global_batch_size: rows per update over all hosts;
+    global_batch_tokens: real (non-padding) tokens per update, as Ettin's batches are best
+      described (4608 unpacked rows held ~2.83M real tokens in pre-training, ~2.5M later): the
+      rows are derived at the start of the phase from the packing fill measured on the phase's
+      own data, rows = tokens / (seq_len x fill) rounded to whole microbatches
+      (`ettin_jax.training.batch_sizing`).
+    seq_len: tokens per row; seed: the seed of init, dropout and masking (Ettin used 21);
+    data_seed: the seed of the document order (null: `seed`; Ettin's cross-objective runs used
+    seed 210 with shuffle seed 21); objectives: which members of the pair to train;
+    microbatch_size: rows per gradient accumulation microbatch (None = no accumulation);
+    batch_warmup_tokens: Ettin's batch-size warmup, the batch grows linearly in real tokens
+    seen from one microbatch to the full batch over this many tokens, in whole microbatches
+    (0 = off; needs microbatch_size); max_nonfinite_steps: updates in a row skipped for a
+    non-finite loss or gradient before the run saves and stops.
     """
+
+    # Fields of which a recipe section sets at most one; setting one clears the other.
+    EXCLUSIVE: ClassVar[tuple[tuple[str, str], ...]] = (("global_batch_size",
+                                                         "global_batch_tokens"),)
 
     steps: int | None = 1000
     tokens: int | None = None
-    global_batch_size: int = 8
+    global_batch_size: int | None = 8
+    global_batch_tokens: int | None = None
     seq_len: int = 1024
     seed: int = 21
+    data_seed: int | None = None
     objectives: tuple[Objective, ...] = OBJECTIVES
     microbatch_size: int | None = None
     batch_warmup_tokens: int = 0
@@ -69,15 +84,23 @@ class TrainConfig:
         _require(not self.batch_warmup_tokens or self.microbatch_size is not None,
                  f"batch_warmup_tokens={self.batch_warmup_tokens} needs microbatch_size: the "
                  f"batch grows by whole microbatches")
-        _require(self.global_batch_size >= 1,
+        _require(self.global_batch_size is not None or self.global_batch_tokens is not None,
+                 "global_batch_size and global_batch_tokens are both null: size the batch in "
+                 "rows or in real tokens")
+        _require(self.global_batch_size is None or self.global_batch_size >= 1,
                  f"global_batch_size must be >= 1, got {self.global_batch_size}")
+        _require(self.global_batch_tokens is None or self.global_batch_tokens >= self.seq_len,
+                 f"global_batch_tokens must be >= seq_len ({self.seq_len}), got "
+                 f"{self.global_batch_tokens}")
         _require(self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}")
         _require(len(self.objectives) >= 1 and len(set(self.objectives)) == len(self.objectives),
                  f"objectives must name mlm and/or clm once each, got {list(self.objectives)}")
         _require(self.max_nonfinite_steps >= 1,
                  f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
-        if self.microbatch_size is not None:
-            _require(self.microbatch_size >= 1 and self.global_batch_size % self.microbatch_size == 0,
+        _require(self.microbatch_size is None or self.microbatch_size >= 1,
+                 f"microbatch_size must be >= 1 or null, got {self.microbatch_size}")
+        if self.microbatch_size is not None and self.global_batch_size is not None:
+            _require(self.global_batch_size % self.microbatch_size == 0,
                      f"microbatch_size {self.microbatch_size} must divide global_batch_size "
                      f"{self.global_batch_size}")
 

@@ -20,6 +20,7 @@ from ettin_jax.config import PhaseConfig, Recipe, TrainConfig, recipe_to_dict
 from ettin_jax.errors import ConfigError
 from ettin_jax.models.config import Objective
 from ettin_jax.models.describe import describe_pair, training_flops_per_token
+from ettin_jax.training.batch_sizing import estimated_steps, phase_batch_sizes
 from ettin_jax.training.checkpoint import MEMBERS
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.state import TrainState, init_state
@@ -78,23 +79,33 @@ def next_phase(recipe: Recipe, position: Position, objective: Objective, mesh) -
 
 def run_plan(recipe: Recipe, *, only: str | None = None) -> dict[str, Any]:
     """What training `recipe` does, without compiling: {"members": {member: {"objective",
-    "recipe" (the member's resolved recipe), "phases": [{name, kind, tokens, steps, seq_len,
-    global_batch_size, peak and final learning rate, RoPE thetas, mask ratio (encoder),
-    optimizer_state, train_flops (tokens x training FLOPs per token, when the phase has a
-    token budget)}]}}, "describe": the first phase's describe_pair report}."""
+    "recipe" (the member's resolved recipe), "phases": [{name, kind, tokens, max_steps,
+    seq_len, global_batch_size (rows), global_batch_tokens (asked, or null), packing_fill,
+    tokens_per_step and steps (real tokens of a full batch and optimizer steps of the phase,
+    through batch-size warmup), estimated (true when the packing fill is assumed because the
+    data cannot be read yet; then estimate_note says so), peak and final learning rate, RoPE
+    thetas, mask ratio (encoder), optimizer_state, train_flops (tokens x training FLOPs per
+    token, when the phase has a token budget)}]}}, "describe": the first phase's describe_pair
+    report}. The packing fill is measured on each phase's data where it can be read."""
+    sizes = phase_batch_sizes(recipe, measure="all")
     members = {}
     for member in recipe_members(recipe, only):
         objective = MEMBERS[member]
         phases = []
-        for phase in recipe.run_phases():
+        for phase, size in zip(recipe.run_phases(), sizes):
             train, schedule = phase.train, phase.schedule
             peak = phase.optimizer.learning_rate
             per_token = training_flops_per_token(phase.model, objective, seq_len=train.seq_len,
                                                  mlm_mask_ratio=phase.data.mlm_mask_ratio)
             entry = {
                 "name": phase.name, "kind": phase.kind, "tokens": train.tokens,
-                "steps": train.steps, "seq_len": train.seq_len,
-                "global_batch_size": train.global_batch_size,
+                "max_steps": train.steps, "seq_len": train.seq_len,
+                "global_batch_size": size.rows,
+                "global_batch_tokens": train.global_batch_tokens,
+                "packing_fill": round(size.packing_fill, 4),
+                "tokens_per_step": size.tokens_per_step,
+                "steps": estimated_steps(train, size),
+                "estimated": not size.fill_measured,
                 "learning_rate_start": peak * schedule.start,
                 "learning_rate_end": peak * (schedule.start if schedule.kind == "constant"
                                              or schedule.decay_tokens == 0 else schedule.floor),
@@ -103,6 +114,10 @@ def run_plan(recipe: Recipe, *, only: str | None = None) -> dict[str, Any]:
                 "optimizer_state": phase.optimizer_state,
                 "train_flops": None if train.tokens is None else per_token["total"] * train.tokens,
             }
+            if not size.fill_measured:
+                entry["estimate_note"] = (
+                    f"packing fill assumed {size.packing_fill:.0%}: the phase's data cannot be "
+                    f"read yet; rows, tokens_per_step and steps are estimates")
             if objective == "mlm":
                 entry["mlm_mask_ratio"] = phase.data.mlm_mask_ratio
             phases.append(entry)
@@ -120,17 +135,24 @@ def format_run_plan(plan: dict[str, Any]) -> str:
     lines = []
     for member, entry in plan["members"].items():
         lines.append(f"{member} ({entry['objective']}):")
-        lines.append(f"  {'phase':<12}{'kind':<11}{'tokens':>10}{'steps':>8}{'seq':>6}"
-                     f"{'batch':>7}{'LR start -> end':>20}{'RoPE g/l':>16}{'mask':>6}"
-                     f"{'optimizer':>11}{'train FLOPs':>13}")
+        lines.append(f"  {'phase':<12}{'kind':<11}{'tokens':>10}{'steps':>10}{'seq':>6}"
+                     f"{'rows':>6}{'tokens/step':>12}{'fill':>6}{'LR start -> end':>20}"
+                     f"{'RoPE g/l':>16}{'mask':>6}{'optimizer':>11}{'train FLOPs':>13}")
         for p in entry["phases"]:
             lr = f"{p['learning_rate_start']:.3g} -> {p['learning_rate_end']:.3g}"
             rope = f"{p['global_rope_theta']:.0f}/{p['local_rope_theta']:.0f}"
             mask = f"{p['mlm_mask_ratio']:.2f}" if "mlm_mask_ratio" in p else "-"
             flops = "-" if p["train_flops"] is None else f"{p['train_flops']:.3g}"
+            mark = "~" if p["estimated"] else ""
             lines.append(f"  {p['name']:<12}{p['kind'] or '-':<11}{_count(p['tokens']):>10}"
-                         f"{_count(p['steps']):>8}{p['seq_len']:>6}{p['global_batch_size']:>7}"
+                         f"{mark + _count(p['steps']):>10}{p['seq_len']:>6}"
+                         f"{mark + str(p['global_batch_size']):>6}"
+                         f"{mark + _count(p['tokens_per_step']):>12}"
+                         f"{mark + format(p['packing_fill'], '.0%'):>6}"
                          f"{lr:>20}{rope:>16}{mask:>6}{p['optimizer_state']:>11}{flops:>13}")
+        if any(p["estimated"] for p in entry["phases"]):
+            lines.append("  ~ estimated: the packing fill is assumed where a phase's data "
+                         "cannot be read yet (prepare it, then dry-run again to measure)")
     return "\n".join(lines)
 
 

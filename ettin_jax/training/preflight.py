@@ -51,12 +51,14 @@ def check_recipe_inputs(recipe: Recipe, mesh, tokenizer) -> list[str]:
 def _check_batch(phase: PhaseConfig, mesh, where: str) -> None:
     train = phase.train
     micro = train.microbatch_size or train.global_batch_size
+    if micro is None:
+        return  # sized in tokens without microbatches: rows are whole multiples of the mesh
     if micro % mesh.size:
         raise ConfigError(f"{where}.global_batch_size={train.global_batch_size} with "
                           f"microbatch_size={train.microbatch_size}: each microbatch of "
                           f"{micro} rows must split over the {mesh.size} devices of the mesh "
                           f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
-    if train.global_batch_size % jax.process_count():
+    if train.global_batch_size is not None and train.global_batch_size % jax.process_count():
         raise ConfigError(f"{where}.global_batch_size={train.global_batch_size} is not "
                           f"divisible by the {jax.process_count()} processes")
 

@@ -24,6 +24,7 @@ from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
 from ettin_jax.config import PhaseConfig, Recipe, recipe_to_dict
 from ettin_jax.models.config import Objective
 from ettin_jax.models.describe import training_flops_per_token
+from ettin_jax.training.batch_sizing import phase_batch_sizes, phase_data_seed, sized_recipe
 from ettin_jax.training.checkpoint import MEMBERS, TOKENIZER, TrainCheckpointer, checkpoint_meta
 from ettin_jax.training.distributed import tell_user
 from ettin_jax.training.evaluation import make_evaluator
@@ -81,6 +82,7 @@ def train_pair(recipe: Recipe, run_dir: str | Path, *, only: str | None = None,
     if changes:
         tell_user(f"{run_dir}: continuing with changed " + "; ".join(
             f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    recipe = _sized(recipe, tokenizer, mesh)
     results = {}
     with _Preemption() as preemption:
         for member in members:
@@ -94,9 +96,12 @@ def train_pair(recipe: Recipe, run_dir: str | Path, *, only: str | None = None,
 def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, tokenizer,
                  mesh=None, preemption: _Preemption | None = None) -> MemberResult:
     """Trains one member through the recipe's phases (one phase when it lists none), each
-    until its train.steps or train.tokens, from where `resume_position` says. `mesh`: the
-    recipe's mesh (made here when None)."""
+    until its train.steps or train.tokens, from where `resume_position` says. Phases sized in
+    tokens get their rows first (`batch_sizing`). `mesh`: the recipe's mesh (made here when
+    None)."""
     mesh = make_mesh(recipe.mesh) if mesh is None else mesh
+    if any(phase.train.global_batch_size is None for phase in recipe.run_phases()):
+        recipe = _sized(recipe, tokenizer, mesh)
     if jax.process_index() == 0 and not (member_dir / TOKENIZER).is_dir():
         tokenizer.save(member_dir / TOKENIZER)
     with TrainCheckpointer(member_dir, recipe.checkpoint) as checkpoints:
@@ -171,6 +176,18 @@ def train_phase(recipe: Recipe, position: Position, objective: Objective, member
     return (here if result.stopped else next_phase(recipe, here, objective, mesh)), result
 
 
+def _sized(recipe: Recipe, tokenizer, mesh) -> Recipe:
+    """`recipe` with the rows of its phases sized in tokens (measured on their data), said."""
+    sizes = phase_batch_sizes(recipe, tokenizer=tokenizer, row_multiple=mesh.size)
+    for phase, size in zip(recipe.run_phases(), sizes):
+        if phase.train.global_batch_tokens is not None:
+            tell_user(f"phase {phase.name}: {size.rows} rows of {size.seq_len} per step hold "
+                      f"~{size.tokens_per_step:,} real tokens (train.global_batch_tokens="
+                      f"{phase.train.global_batch_tokens:,}; packing fills "
+                      f"{size.packing_fill:.1%} of the row slots)")
+    return sized_recipe(recipe, sizes)
+
+
 def _phase_hooks(recipe: Recipe, phase: PhaseConfig, index: int, objective: Objective, mesh,
                  shardings, checkpoints: TrainCheckpointer, log: MetricsLog,
                  tokenizer) -> StepHooks:
@@ -229,7 +246,7 @@ class _PhaseBatches:
         train = phase.train
         stream = make_batch_iterator(
             phase.data, seq_len=train.seq_len, global_batch_size=train.global_batch_size,
-            seed=train.seed + index, objective=objective, tokenizer=tokenizer,
+            seed=phase_data_seed(train, index), objective=objective, tokenizer=tokenizer,
             process_index=jax.process_index(), process_count=jax.process_count())
         self._microbatch = train.microbatch_size or train.global_batch_size
         self._queue = MicrobatchQueue(stream, train.global_batch_size // self._microbatch)

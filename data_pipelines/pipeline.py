@@ -6,7 +6,9 @@ the shuffled mixture (B = global batch size). Hence:
   exactly the single-process global batch;
 - the iterator state is one small grain state per row, so a restore (also onto another process
   count) continues with bit-identical batches;
-- encoder and decoder iterate the same rows in the same order; only `objectives` differs.
+- encoder and decoder iterate the same rows in the same order; only `objectives` differs
+  (with "ettin" chunking both pack the encoder's form of every chunk; the decoder's labels
+  ignore the forced [SEP]s, see `packing`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from data_pipelines.config import DataConfig
 from data_pipelines.objectives import clm_labels, mlm_inputs
-from data_pipelines.packing import packed_rows
+from data_pipelines.packing import FORCED_SEP, ChunkStats, packed_rows
 from data_pipelines.sources import (
     TOKENIZER_COMMAND,
     MissingInputError,
@@ -47,6 +49,10 @@ class BatchSpec:
     mask_ratio: float = 0.3
     process_index: int = 0
     process_count: int = 1
+    mlm_masking: str = "exact"
+    chunking: str = "bracketed"
+    min_chunk_tokens: int = 512
+    skip_chunk_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -70,7 +76,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     """Endless batches (numpy, this process's rows) for one member; see the module docstring.
 
     Each batch has input_ids, segment_ids, positions, labels [rows, seq] (int32). `step` counts
-    batches returned.
+    batches returned. `source_stats`: what reading each source fixed or skipped;
+    `chunk_stats()`: what this process's rows drew from each source and what chunking dropped.
     """
 
     def __init__(self, documents: grain.MapDataset, spec: BatchSpec, *, tokenizer,
@@ -82,27 +89,50 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         self._special = tokenizer.special_tokens
         self._vocab_size = tokenizer.vocab_size
         batch = spec.global_batch_size
-        self._streams = {
-            int(row): iter(packed_rows(documents[int(row)::batch], seq_len=spec.seq_len,
-                                       special=self._special, bins=bins))
-            for row in spec.local_rows
-        }
+        self._chunk_stats: list[dict[int, ChunkStats]] = []
+        self._streams = {}
+        for row in spec.local_rows:
+            self._chunk_stats.append({})
+            self._streams[int(row)] = iter(packed_rows(
+                documents[int(row)::batch], seq_len=spec.seq_len, special=self._special,
+                bins=bins, chunking=spec.chunking, min_chunk_tokens=spec.min_chunk_tokens,
+                skip_chunk_tokens=spec.skip_chunk_tokens, seed=spec.seed,
+                stats=self._chunk_stats[-1]))
         self._pool = ThreadPoolExecutor(workers) if workers > 0 else None
 
     def __next__(self) -> dict[str, np.ndarray]:
         streams = list(self._streams.values())
         rows = list(self._pool.map(next, streams)) if self._pool else [next(s) for s in streams]
         batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+        forced_sep = batch.pop(FORCED_SEP, None)
         if self.spec.objective == "clm":
-            batch["labels"] = clm_labels(batch["input_ids"], batch["segment_ids"])
+            batch["labels"] = clm_labels(batch["input_ids"], batch["segment_ids"], forced_sep)
         else:
             batch.update(mlm_inputs(
                 batch["input_ids"], batch["segment_ids"], seed=self.spec.seed, step=self.step,
                 rows=self.spec.local_rows, mask_ratio=self.spec.mask_ratio,
                 special=self._special, vocab_size=self._vocab_size,
+                masking=self.spec.mlm_masking,
             ))
         self.step += 1
         return batch
+
+    def chunk_stats(self) -> dict[str, ChunkStats]:
+        """{source: ChunkStats} summed over this process's rows, counted since this iterator
+        was built (or restored): documents and tokens drawn (the packer reads a few documents
+        ahead of the rows returned), chunks made, tokens "ettin" chunking dropped."""
+        names = list(self.source_stats) or ["documents"]
+        totals = {name: ChunkStats() for name in names}
+        for per_row in self._chunk_stats:
+            for index, stats in list(per_row.items()):
+                totals[names[index] if index < len(names) else str(index)].add(stats)
+        return totals
+
+    def token_shares(self) -> dict[str, float]:
+        """{source: share of the document tokens drawn so far} (see `chunk_stats`)."""
+        stats = self.chunk_stats()
+        total = sum(s.tokens for s in stats.values())
+        return {name: s.tokens / total if total else 0.0 for name, s in stats.items()}
 
     def get_state(self) -> dict[str, Any]:
         """JSON-able state: the step and each local row's grain iterator state."""
@@ -146,9 +176,14 @@ def load_data_tokenizer(data: DataConfig):
 
 def open_documents(data: DataConfig, tokenizer, *, seed: int) -> tuple[grain.MapDataset,
                                                                       dict[str, SourceStats]]:
-    """The endless, shuffled mixture of data.sources as token arrays, and each source's stats."""
+    """The endless, shuffled mixture of data.sources as {"tokens", "source"} records (weights
+    are token shares, see `sources.mixture`), and each source's stats, in source order (keyed
+    by path; a path named twice gets its index appended)."""
     opened = [open_source(source, tokenizer) for source in data.sources]
-    return mixture(opened, seed=seed), {o.source.path: o.stats for o in opened}
+    names: list[str] = []
+    for index, o in enumerate(opened):
+        names.append(o.source.path if o.source.path not in names else f"{o.source.path}#{index}")
+    return mixture(opened, seed=seed), dict(zip(names, (o.stats for o in opened)))
 
 
 def make_batch_iterator(
@@ -166,12 +201,16 @@ def make_batch_iterator(
     """Batches of `objective` ("mlm" or "clm") from `data` for this process.
 
     The tokenizer defaults to `load_data_tokenizer(data)`, the mask ratio to
-    data.mlm_mask_ratio (phases override it).
+    data.mlm_mask_ratio (phases override it; held-out evaluation sets 0.15). Chunking and
+    masking follow data.chunking, data.min_chunk_tokens, data.skip_chunk_tokens and
+    data.mlm_masking.
     """
     tokenizer = tokenizer or load_data_tokenizer(data)
     spec = BatchSpec(seq_len, global_batch_size, seed, objective,
                      mask_ratio if mask_ratio is not None else data.mlm_mask_ratio,
-                     process_index, process_count)
+                     process_index, process_count, mlm_masking=data.mlm_masking,
+                     chunking=data.chunking, min_chunk_tokens=data.min_chunk_tokens,
+                     skip_chunk_tokens=data.skip_chunk_tokens)
     documents, stats = open_documents(data, tokenizer, seed=seed)
     return BatchIterator(documents, spec, tokenizer=tokenizer, bins=data.packing_bins,
                          workers=data.workers, source_stats=stats)

@@ -12,9 +12,10 @@ file and line. For corpora larger than memory, `ettin-jax data prepare` streams 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grain
@@ -23,6 +24,9 @@ import numpy as np
 from data_pipelines.config import SourceConfig
 
 MAX_DOCUMENT_CHARS = 1_000_000
+# Documents whose tokens measure an in-memory source's tokens per character (all of them when
+# the source has no more).
+LENGTH_SAMPLE_DOCUMENTS = 512
 MANIFEST = "manifest.json"  # a finished `data prepare` directory
 PREPARE_SETTINGS = "progress/settings.json"  # a started one
 BUNDLED = "bundled"
@@ -250,11 +254,20 @@ def _split_enormous(text: str) -> Iterator[str]:
 
 @dataclasses.dataclass(frozen=True)
 class TokenDocuments:
-    """A source as a random-access grain dataset of int32 token arrays (no special tokens)."""
+    """A source as a random-access grain dataset of int32 token arrays (no special tokens).
+
+    mean_tokens() -> the mean document length in tokens (what turns a mixture's token shares
+    into document sampling weights): prepared sources: the manifest's tokens / documents
+    (exact); in-memory sources: the exact mean character count of the documents times the
+    tokens per character of up to LENGTH_SAMPLE_DOCUMENTS evenly spaced documents (exact when
+    the source holds no more). Computed on first use only.
+    """
 
     source: SourceConfig
     dataset: grain.MapDataset
     stats: SourceStats
+    mean_tokens: Callable[[], float] = dataclasses.field(default=lambda: 1.0, repr=False,
+                                                         compare=False)
 
 
 def open_source(source: SourceConfig, tokenizer) -> TokenDocuments:
@@ -268,25 +281,61 @@ def open_source(source: SourceConfig, tokenizer) -> TokenDocuments:
         from data_pipelines.prepare import open_prepared
 
         dataset, stats.documents = open_prepared(Path(source.path), tokenizer)
+        mean_tokens = functools.cache(functools.partial(_prepared_mean_tokens, source.path))
     else:
         texts = list(iter_texts(source, stats))
         dataset = grain.MapDataset.source(texts).map(tokenizer.encode)
+        mean_tokens = functools.cache(functools.partial(_text_mean_tokens, texts, tokenizer))
     if stats.documents == 0:
         raise SourceError(f"source {source.path!r} holds no documents "
                           f"({stats.empty_skipped} empty ones skipped)")
-    return TokenDocuments(source, dataset, stats)
+    return TokenDocuments(source, dataset, stats, mean_tokens)
+
+
+def _prepared_mean_tokens(path: str) -> float:
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    return manifest["tokens"] / max(manifest["documents"], 1)
+
+
+def _text_mean_tokens(texts: Sequence[str], tokenizer) -> float:
+    count = len(texts)
+    picked = sorted({(i * count) // LENGTH_SAMPLE_DOCUMENTS
+                     for i in range(min(count, LENGTH_SAMPLE_DOCUMENTS))})
+    sample_chars = sum(len(texts[i]) for i in picked)
+    sample_tokens = sum(len(tokenizer.encode(texts[i])) for i in picked)
+    if len(picked) == count or sample_chars == 0:
+        return sample_tokens / max(len(picked), 1)
+    return sum(len(t) for t in texts) / count * sample_tokens / sample_chars
+
+
+def document_weights(sources: Sequence[TokenDocuments]) -> list[float]:
+    """Per-source document sampling weights that give each source its `weight` as a share of
+    TOKENS (Ettin's proportions are shares of tokens): weight / mean document length in
+    tokens, normalised to sum to 1. One source: [1.0]."""
+    if len(sources) == 1:
+        return [1.0]
+    raw = [s.source.weight / max(s.mean_tokens(), 1.0) for s in sources]
+    return [w / sum(raw) for w in raw]
 
 
 def mixture(sources: Sequence[TokenDocuments], *, seed: int) -> grain.MapDataset:
-    """An endless stream of documents from `sources`, mixed by their weights; each source is
-    reshuffled every epoch, deterministically for `seed`."""
+    """An endless stream of documents from `sources` as records {"tokens": int32 array,
+    "source": index in `sources`}, mixed so that each source's `weight` is its share of the
+    tokens (`document_weights`); each source is reshuffled every epoch, deterministically for
+    `seed`. (grain rounds the mixing proportions to integers, the smallest to 100: a share is
+    off by at most 1% of itself.)"""
     endless = [
-        s.dataset.shuffle(seed=_source_seed(seed, index)).repeat(None)
+        s.dataset.map(functools.partial(_record, index))
+        .shuffle(seed=_source_seed(seed, index)).repeat(None)
         for index, s in enumerate(sources)
     ]
     if len(endless) == 1:
         return endless[0]
-    return grain.MapDataset.mix(endless, weights=[s.source.weight for s in sources])
+    return grain.MapDataset.mix(endless, weights=document_weights(sources))
+
+
+def _record(source: int, tokens) -> dict:
+    return {"tokens": np.asarray(tokens, np.int32), "source": source}
 
 
 def _source_seed(seed: int, index: int) -> int:

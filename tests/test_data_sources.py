@@ -134,10 +134,12 @@ def test_mixture_follows_weights(tmp_path, rng):
     opened = [open_source(SourceConfig(str(tmp_path / "a"), weight=3.0), tokenizer),
               open_source(SourceConfig(str(tmp_path / "b"), weight=1.0), tokenizer)]
     mixed = mixture(opened, seed=int(rng.integers(1 << 30)))
-    first = [tokenizer.decode(mixed[i])[0] for i in range(400)]
+    # Equal document lengths: token shares are document shares.
+    first = [tokenizer.decode(mixed[i]["tokens"])[0] for i in range(400)]
+    assert [mixed[i]["source"] for i in range(400)] == [int(c == "b") for c in first]
     assert 0.7 < first.count("a") / 400 < 0.8
     # Every document of a source comes once per epoch of that source.
-    a_docs = [tokenizer.decode(mixed[i]) for i in range(400) if first[i] == "a"][:20]
+    a_docs = [tokenizer.decode(mixed[i]["tokens"]) for i in range(400) if first[i] == "a"][:20]
     assert sorted(a_docs) == sorted("a" * (i + 1) for i in range(20))
-    assert not np.array_equal(mixed[0], mixture(opened, seed=1)[0]) or \
-        not np.array_equal(mixed[1], mixture(opened, seed=1)[1])
+    assert not np.array_equal(mixed[0]["tokens"], mixture(opened, seed=1)[0]["tokens"]) or \
+        not np.array_equal(mixed[1]["tokens"], mixture(opened, seed=1)[1]["tokens"])

@@ -217,12 +217,15 @@ def test_gpu_kernel_lowers_through_triton():
 
 
 def test_capacity_for_and_argument_checks(rng):
-    assert capacity_for(4, 100, 0.15, slack=0.0) == 60
-    assert capacity_for(4, 100, 0.15) == 66
+    # mean 60 + Bernstein's margin at 1e-12: 27.63 / 3 + sqrt(27.63^2 / 9 + 2 * 27.63 * 51).
+    assert capacity_for(4, 100, 0.15) == 124
     assert capacity_for(2, 10, 1.0) == 20  # never more than every position
     assert capacity_for(2, 10, 0.0) == 1
+    assert capacity_for(4, 100, 0.15, overflow_probability=1e-3) < 124
     with pytest.raises(ValueError, match="mask_ratio"):
         capacity_for(2, 10, 1.5)
+    with pytest.raises(ValueError, match="overflow_probability"):
+        capacity_for(2, 10, 0.3, overflow_probability=0.0)
     x, mask = random_case(rng, 0.5)
     with pytest.raises(ValueError, match="capacity"):
         pack_masked_tokens(x, mask, 0)
@@ -233,3 +236,37 @@ def test_capacity_for_and_argument_checks(rng):
     with pytest.raises(ValueError, match="width"):
         unpack_masked_tokens(jnp.zeros((4, 8)), jnp.zeros(4, jnp.int32), jnp.ones(4, bool),
                              (2, 3, 9))
+
+
+@pytest.mark.parametrize("rows,seq", [(1, 16), (2, 64), (8, 128), (4, 1024), (8, 8192),
+                                      (64, 7999)])
+@pytest.mark.parametrize("ratio", [0.05, 0.15, 0.3])
+def test_capacity_covers_bernoulli_and_exact_masking(rows, seq, ratio):
+    """The capacity covers Bernoulli masking of every token of the microbatch (the most that
+    can be eligible) with overflow probability <= 1e-12 (the binomial's exact tail), which is
+    at least mean + 7 standard deviations, and exact masking's per-row rounding."""
+    from scipy.stats import binom
+
+    n = rows * seq
+    capacity = capacity_for(rows, seq, ratio)
+    assert binom.sf(capacity, n, ratio) <= 1e-12  # P(selected > capacity)
+    assert capacity >= min(n, n * ratio + 7 * np.sqrt(n * ratio * (1 - ratio)))
+    assert capacity >= rows * round(ratio * seq)  # exact masking, every token eligible
+    if n >= 8 * 8192 and ratio >= 0.15:  # where memory matters: no more than the old 10% slack
+        assert capacity <= 1.1 * n * ratio
+
+
+def test_capacity_fits_bernoulli_batches_that_a_10_percent_slack_does_not():
+    from data_pipelines.objectives import IGNORE, mlm_inputs
+    from data_pipelines.special_tokens import PROJECT
+
+    rows, seq, ratio = 2, 64, 0.15
+    ids = np.full((rows, seq), 100, np.int32)
+    segments = np.ones((rows, seq), np.int32)
+    counts = np.array([
+        np.sum(mlm_inputs(ids, segments, seed=1, step=step, rows=np.arange(rows),
+                          mask_ratio=ratio, special=PROJECT, vocab_size=300,
+                          masking="bernoulli")["labels"] != IGNORE)
+        for step in range(400)])
+    assert counts.max() <= capacity_for(rows, seq, ratio)
+    assert np.mean(counts > np.ceil(rows * seq * ratio * 1.1)) > 0.1  # the old slack overflowed

@@ -29,25 +29,42 @@ from ettin_jax.training.step import make_eval_step
 
 Evaluator = Callable[[dict], dict[str, float]]
 
+# Held-out MLM batches mask 15% whatever the training phase's ratio (30% or 15%), as Ettin's: every
+# encoder config (JHU-CLSP/ettin-encoder-vs-decoder pretraining/configs/standard/*/**/encoder_*.yaml)
+# sets `eval_loader: dataset: mlm_probability: 0.15`, "We always evaluate at 15% masking for
+# consistent comparison"; so eval losses compare across phases.
+EVAL_MLM_MASK_RATIO = 0.15
 
-def make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params_sharding, *,
-                   batches: int) -> Evaluator:
-    """evaluate(params) -> {eval_loss, eval_perplexity, eval_accuracy, eval_targets} on the
-    same `batches` held-out batches (data.heldout at train.seq_len, seed train.seed) every
-    time: built once, masks fixed, so successive evaluations compare."""
+
+def heldout_batches(recipe: Recipe, objective: Objective, tokenizer, *,
+                    batches: int) -> list[dict]:
+    """The first `batches` held-out batches (numpy, this process's rows): data.heldout at
+    train.seq_len, seed train.seed, chunking and masking mode as data says, MLM masks at
+    EVAL_MLM_MASK_RATIO."""
     train = recipe.train
     heldout = dataclasses.replace(recipe.data, sources=recipe.data.heldout)
     stream = make_batch_iterator(
         heldout, seq_len=train.seq_len, global_batch_size=train.global_batch_size,
         seed=train.seed, objective=objective, tokenizer=tokenizer,
+        mask_ratio=EVAL_MLM_MASK_RATIO,
         process_index=jax.process_index(), process_count=jax.process_count())
+    return [next(stream) for _ in range(batches)]
+
+
+def make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params_sharding, *,
+                   batches: int) -> Evaluator:
+    """evaluate(params) -> {eval_loss, eval_perplexity, eval_accuracy, eval_targets} on the
+    same `batches` held-out batches (`heldout_batches`: MLM masks at EVAL_MLM_MASK_RATIO,
+    whatever the phase's ratio) every time: built once, masks fixed, so successive evaluations
+    compare."""
+    train = recipe.train
     rows = batch_sharding(mesh)
-    fixed = [{k: jax.make_array_from_process_local_data(rows, v) for k, v in next(stream).items()}
-             for _ in range(batches)]
+    fixed = [{k: jax.make_array_from_process_local_data(rows, v) for k, v in batch.items()}
+             for batch in heldout_batches(recipe, objective, tokenizer, batches=batches)]
     step = jax.jit(make_eval_step(
         model_graph(recipe.model, objective), microbatch_size=train.microbatch_size,
         compute_shardings=jax.tree.map(compute_sharding, params_sharding),
-        mlm_mask_ratio=recipe.data.mlm_mask_ratio if objective == "mlm" else None,
+        mlm_mask_ratio=EVAL_MLM_MASK_RATIO if objective == "mlm" else None,
         sharded_over=kernel_sharding(mesh)), in_shardings=(params_sharding, rows))
 
     def evaluate(params) -> dict[str, float]:
@@ -64,9 +81,9 @@ def make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params
 def evaluate_run(run_dir: str | Path, *, batches: int | None = None,
                  overrides: Sequence[str] = ()) -> dict[str, dict]:
     """Evaluates the latest complete checkpoint of each member in RUN_DIR on its recipe's
-    held-out data, with the settings (sequence length, mask ratio) of the phase that checkpoint
-    belongs to; `batches` defaults to logging.eval_batches; `overrides` (key=value) change
-    that phase's recipe for this evaluation (e.g. data.heldout).
+    held-out data, with the settings (sequence length, chunking) of the phase that checkpoint
+    belongs to, MLM masks at EVAL_MLM_MASK_RATIO; `batches` defaults to logging.eval_batches;
+    `overrides` (key=value) change that phase's recipe for this evaluation (e.g. data.heldout).
 
     Returns {member: {step, phase, eval_loss, eval_perplexity, eval_accuracy, eval_targets}}.
     Raises CheckpointError / ConfigError naming the run directory when it holds no run, and

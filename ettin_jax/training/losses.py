@@ -29,9 +29,9 @@ def loss_sums(model: EttinModel, batch: Batch, *, deterministic: bool,
     `correct` of one (micro)batch.
 
     The head runs on every position with a label, or, given `mlm_mask_ratio` (MLM), on the
-    masked positions only, packed with a static capacity for that ratio (`capacity_for`); then
-    `mlm_overflow` counts masked tokens that did not fit (0 unless the data masks more than
-    its ratio). Under `kernels_sharded_over`, each device packs its own rows.
+    masked positions only, packed with a static capacity for that ratio (`capacity_for`, with
+    a margin for Bernoulli masking); then `mlm_overflow` counts masked tokens that did not fit
+    (0 unless the data masks far more than its ratio). Under `kernels_sharded_over`, each device packs its own rows.
     """
     hidden = model(batch["input_ids"], batch["segment_ids"], batch["positions"],
                    deterministic=deterministic, dropout_rng=dropout_rng)

@@ -161,7 +161,9 @@ def test_native_checkpoints_import_export_and_convert(rng, tmp_path):
 
     restored = restore_weights(tmp_path / "native")
     assert restored.model.objective == "mlm"
-    assert restored.model.config == dataclasses.replace(encoder.config, preset=None)  # HF has none
+    # HF has no preset, and exports carry no dropout (attention_dropout 0.0).
+    assert restored.model.config == dataclasses.replace(encoder.config, preset=None,
+                                                        attention_output_dropout=0.0)
     for path, value in flat_params(encoder).items():
         np.testing.assert_array_equal(flat_params(restored.model)[path], value)
 
@@ -187,6 +189,28 @@ def test_native_checkpoints_import_export_and_convert(rng, tmp_path):
     assert main(["export", str(tmp_path / "cli-decoder" / "checkpoints" / "0"),
                  "--out", str(tmp_path / "cli-hf")]) == 0
     _load_in_transformers(tmp_path / "cli-hf", "clm")
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_export_writes_attention_dropout_zero(objective, rng, tmp_path):
+    """A model trained with dropout 0.1 after the attention output projection exports
+    attention_dropout 0.0 (transformers would also drop attention probabilities with it):
+    transformers loads it and, even in train mode, drops nothing; re-imported, it has no
+    dropout."""
+    config = dataclasses.replace(case_config(HF_CASES[0], rng), attention_output_dropout=0.1)
+    hf.save_pretrained(randomized_model(config, objective, seed=int(rng.integers(1 << 30))),
+                       tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attention_dropout"] == 0.0
+
+    reference = _load_in_transformers(tmp_path, objective)
+    assert reference.config.attention_dropout == 0.0
+    ids, attention_mask = padded_batch(HF_CASES[0]["seq"], config.vocab_size, rng)
+    reference.train()
+    torch.manual_seed(0)
+    first = _torch_logits(reference, ids, attention_mask)
+    np.testing.assert_array_equal(_torch_logits(reference, ids, attention_mask), first)
+
+    assert hf.from_pretrained(tmp_path).model.config.attention_output_dropout == 0.0
 
 
 def _write_tokenizer(directory: Path) -> None:

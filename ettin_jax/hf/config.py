@@ -1,13 +1,20 @@
 """config.json of transformers' ModernBERT classes <-> `ModelConfig`, objective and special tokens.
 
-Writing: every field the installed and older transformers read, with the traps of
-../shared/ettin_reference.md section 3 avoided: `layer_types` explicit (a decoder config without
-it gets a version-dependent default), both RoPE thetas in the new `rope_parameters` form and the
-older `global_rope_theta` / `local_rope_theta` fields, `classifier_activation: gelu` (the MLM head
-uses it too), and the special-token ids.
+Writing: every field the installed and older transformers read, with the known traps avoided:
+`layer_types` explicit (a decoder config without it gets a version-dependent default), both RoPE
+thetas in the new `rope_parameters` form and the older `global_rope_theta` / `local_rope_theta`
+fields, `classifier_activation: gelu` (the MLM head uses it too), the special-token ids, and
+`attention_dropout: 0.0` whatever the model trained with. Ettin's one dropout sits after the
+attention output projection (`attention_output_dropout`, 0.1 in the recipes) and has no HF field
+of its own: transformers' ModernBERT classes apply `attention_dropout` both there and to the
+attention probabilities, which Ettin never dropped. Exports therefore carry 0.0, and fine-tuning
+an export in transformers runs without that dropout unless the user sets it.
 
 Reading: a released ModernBERT/Ettin config (either RoPE form, `layer_types` or
 `global_attn_every_n_layers`, `local_attention` or a decoder's half-window `sliding_window`).
+`attention_dropout` is read into `attention_output_dropout` as before, so a re-imported export
+has no training dropout (0.0) unless overridden; a recipe that starts from it
+(`checkpoint.init_from`) uses its own `model.attention_output_dropout`.
 A field whose value this architecture cannot represent is an error naming the file, the field and
 the supported values; fields that do not change the network (dtype, pooling, ...) are ignored.
 """
@@ -74,7 +81,9 @@ def to_hf_config(
         "norm_eps": config.norm_eps,
         "initializer_range": config.init_std,
         "initializer_cutoff_factor": 2.0,
-        "attention_dropout": config.attention_output_dropout,
+        # Not config.attention_output_dropout: transformers would also drop attention
+        # probabilities with it (see the module docstring).
+        "attention_dropout": 0.0,
         "pad_token_id": special_tokens.pad,
         "bos_token_id": special_tokens.bos,
         "eos_token_id": special_tokens.eos,

@@ -49,8 +49,7 @@ def main() -> None:
         report = tpu_memory_report(recipe, args.topology)
         seconds = (time.perf_counter() - start) / 2
         mesh = f"{report['mesh']['data']} x {report['mesh']['fsdp']}"
-        per_chip = (recipe.train.microbatch_size or recipe.train.global_batch_size) \
-            // report["chips"]
+        per_chip = (recipe.train.microbatch_size or report["rows"]) // report["chips"]
         for member in ("encoder", "decoder"):
             entry = report[member]
             if "error" in entry:

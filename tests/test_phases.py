@@ -14,7 +14,7 @@ import pytest
 from ettin_jax.cli import main
 from ettin_jax.config import load_recipe
 from ettin_jax.errors import ConfigError
-from ettin_jax.training.checkpoint import PHASE_END, TrainCheckpointer
+from ettin_jax.training.checkpoint import PHASE_END, TrainCheckpointer, restore_weights
 from ettin_jax.training.metrics import read_metrics
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.run_dir import claim_run_dir, recipe_differences
@@ -26,14 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 ONE_PHASE = ROOT / "tests" / "recipes" / "tiny-one-phase.yaml"
 # Three short phases: seq 64 -> 96, the second resets the optimizer, the third keeps it and
-# restarts the learning rate at half the peak with 15% masking.
+# restarts the learning rate at half the peak with 15% masking, and the decoder alone takes
+# another local-layer RoPE base there (as Ettin's decoder decay configs of some sizes).
 PHASES = ("phases=[{name: warm, kind: pretrain, train: {steps: 3}},"
           " {name: long, kind: extension, optimizer_state: reset,"
           "  train: {steps: 2, seq_len: 96}, model: {global_rope_theta: 40000.0},"
           "  schedule: {warmup_tokens: 0, decay_tokens: null, floor: 0.5}},"
           " {name: cool, kind: decay, train: {steps: 2},"
           "  schedule: {start: 0.5, decay_tokens: null, floor: 0.02},"
-          "  data: {mlm_mask_ratio: 0.15}}]")
+          "  data: {mlm_mask_ratio: 0.15}, decoder: {model: {local_rope_theta: 5000.0}}}]")
 SMALL = ["train.seq_len=64", "train.global_batch_size=8", "model.num_layers=2",
          "logging.every_steps=1", "checkpoint.every_steps=100", "checkpoint.keep=1",
          "schedule.warmup_tokens=300", "schedule.decay_tokens=0"]
@@ -84,6 +85,10 @@ def test_phases_run_in_order_with_their_reset_rules(trained_run, tokenizer_dir):
         assert steps == [3, 5, 7]
         assert [(trained_run / member / "checkpoints" / str(s) / PHASE_END).read_text().strip()
                 for s in steps] == ["warm", "long", "cool"]
+        # Member changes apply to their member and phase only.
+        thetas = [restore_weights(trained_run / member, step=s).model.config.local_rope_theta
+                  for s in steps]
+        assert thetas == [10000.0, 10000.0, 5000.0 if member == "decoder" else 10000.0]
 
     # The optimizer state: fresh at "long" (2 updates in it), kept through "cool" (4).
     checkpoints = TrainCheckpointer(trained_run / "encoder", recipe.checkpoint)

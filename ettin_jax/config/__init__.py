@@ -11,6 +11,7 @@ from ettin_jax.config.schema import (
     CheckpointConfig,
     DataConfig,
     LoggingConfig,
+    MemberChanges,
     MeshConfig,
     OptimizerConfig,
     PhaseConfig,
@@ -18,6 +19,7 @@ from ettin_jax.config.schema import (
     ScheduleConfig,
     SourceConfig,
     TrainConfig,
+    member_of,
 )
 from ettin_jax.errors import ConfigError
 
@@ -26,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "LoggingConfig",
+    "MemberChanges",
     "MeshConfig",
     "OptimizerConfig",
     "PhaseConfig",
@@ -34,6 +37,7 @@ __all__ = [
     "SourceConfig",
     "TrainConfig",
     "load_recipe",
+    "member_of",
     "override_recipe",
     "recipe_from_preset",
     "recipe_to_dict",

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ettin_jax.config.schema import PhaseConfig, Recipe, TrainConfig
+from ettin_jax.config.schema import MEMBERS, MemberChanges, PhaseConfig, Recipe, TrainConfig
 from ettin_jax.errors import ConfigError, did_you_mean
 from ettin_jax.models.config import ModelConfig
 from ettin_jax.models.presets import PRESETS, get_preset
@@ -249,9 +249,23 @@ def _with_phases(raw: Mapping[str, Any], *, key: str, where: _Where) -> Recipe:
     for i, item in enumerate(items):
         if isinstance(item, Mapping) and "name" not in item:
             raise where.error(f"phases.{i}", "missing required key(s): name")
-        # Sections carry over from the previous phase; what kind of phase it is does not.
-        base = dataclasses.replace(previous, kind=None, optimizer_state="keep")
-        previous = build_dataclass(PhaseConfig, item, key=f"phases.{i}", where=where, base=base)
+        # Sections carry over from the previous phase; what kind of phase it is and the
+        # members' own changes do not.
+        base = dataclasses.replace(previous, kind=None, optimizer_state="keep", encoder=None,
+                                   decoder=None)
+        shared = {k: v for k, v in item.items() if k not in MEMBERS} \
+            if isinstance(item, Mapping) else item
+        previous = build_dataclass(PhaseConfig, shared, key=f"phases.{i}", where=where,
+                                   base=base)
+        changes = {member: build_dataclass(MemberChanges, item[member],
+                                           key=f"phases.{i}.{member}", where=where,
+                                           base=MemberChanges(previous.model))
+                   for member in MEMBERS if item.get(member) is not None}
+        if changes:
+            try:
+                previous = dataclasses.replace(previous, **changes)
+            except ValueError as err:
+                raise where.error(f"phases.{i}", str(err)) from None
         phases.append(previous)
     try:
         return dataclasses.replace(recipe, phases=tuple(phases))

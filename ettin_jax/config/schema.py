@@ -210,6 +210,26 @@ class LoggingConfig:
         _require(self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}")
 
 
+# The members of a pair by the objective they train.
+MEMBERS: dict[str, Objective] = {"encoder": "mlm", "decoder": "clm"}
+
+
+def member_of(objective: Objective) -> str:
+    """The member ("encoder" or "decoder") that trains `objective`."""
+    return next(member for member, trained in MEMBERS.items() if trained == objective)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberChanges:
+    """What one member of the pair changes in a phase, where Ettin's encoder and decoder
+    configs of that phase differ (e.g. the decoders' local-layer RoPE base in the decay phase
+    of some sizes): the member's model section, resolved on top of the phase's. Only fields a
+    phase may change (RoPE bases, dtypes, kernels) may differ: both members stay one
+    architecture."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+
 PhaseKind = Literal["pretrain", "extension", "decay"]
 PHASE_KINDS: tuple[str, ...] = ("pretrain", "extension", "decay")  # Ettin's order
 PHASE_SECTIONS: tuple[str, ...] = ("model", "data", "train", "optimizer", "schedule")
@@ -228,6 +248,8 @@ class PhaseConfig:
 
     kind: which of Ettin's phases this is ("pretrain", "extension", "decay"; null for another
     kind of phase); named kinds must come in that order.
+    encoder / decoder: that member's changes in this phase (`MemberChanges`; null: none).
+    Like kind, they belong to the phase that states them and do not carry over.
     """
 
     name: str
@@ -238,10 +260,27 @@ class PhaseConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    encoder: MemberChanges | None = None
+    decoder: MemberChanges | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name,
                  f"name must be a non-empty name without '/', got {self.name!r}")
+        for member in MEMBERS:
+            changes = getattr(self, member)
+            if changes is None:
+                continue
+            changed = model_differences(changes.model, self.model,
+                                        ignore=PHASE_MODEL_FIELDS + RUNTIME_MODEL_FIELDS)
+            _require(not changed, f"{member}.model changes the architecture: "
+                     f"{', '.join(changed)}; a member may change only "
+                     f"{', '.join(PHASE_MODEL_FIELDS + RUNTIME_MODEL_FIELDS)}")
+
+    def for_member(self, member: str) -> PhaseConfig:
+        """This phase as `member` ("encoder" or "decoder") trains it: its changes applied."""
+        changes = getattr(self, member)
+        model = self.model if changes is None else changes.model
+        return dataclasses.replace(self, model=model, encoder=None, decoder=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +328,11 @@ class Recipe:
         if self.phases:
             return self.phases
         return (PhaseConfig("main", **{name: getattr(self, name) for name in PHASE_SECTIONS}),)
+
+    def for_member(self, member: str) -> Recipe:
+        """This recipe as `member` ("encoder" or "decoder") trains it: every phase with that
+        member's changes applied (`PhaseConfig.for_member`)."""
+        return dataclasses.replace(self, phases=tuple(p.for_member(member) for p in self.phases))
 
     def phase_recipe(self, phase: PhaseConfig) -> Recipe:
         """This recipe with `phase`'s sections in place of the top-level ones and no phases:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from ettin_jax.config import Recipe
 from ettin_jax.errors import ConfigError
+from ettin_jax.training.batch_sizing import batch_size
 from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.state import abstract_state, init_state_shardings
@@ -41,19 +42,23 @@ def topology_devices(name: str) -> list:
 
 def tpu_memory_report(recipe: Recipe, topology: str) -> dict[str, Any]:
     """Per-chip bytes of the compiled train step of each member on `topology`, with the
-    recipe's mesh (mesh.data x mesh.fsdp over the topology's chips) and microbatches."""
+    recipe's mesh (mesh.data x mesh.fsdp over the topology's chips) and microbatches; a batch
+    sized in tokens takes the rows of the assumed packing fill (`batch_sizing`), reported as
+    "rows"."""
     devices = topology_devices(topology)
     mesh = make_mesh(recipe.mesh, devices)
     train = recipe.train
+    rows = batch_size(train, packing_fill=None, row_multiple=mesh.size).rows
     generation = topology.split(":")[0]
     report: dict[str, Any] = {"topology": topology, "chips": len(devices),
-                              "mesh": dict(mesh.shape), "hbm_bytes": HBM_BYTES.get(generation)}
+                              "mesh": dict(mesh.shape), "rows": rows,
+                              "hbm_bytes": HBM_BYTES.get(generation)}
     for member, objective in (("encoder", "mlm"), ("decoder", "clm")):
         optimizer = make_optimizer(recipe.optimizer)
         shardings = init_state_shardings(recipe.model, objective, optimizer, mesh)
         state = abstract_state(shardings, recipe.model, objective, optimizer)
         rows = batch_sharding(mesh)
-        shape = (train.global_batch_size, train.seq_len)
+        shape = (rows, train.seq_len)
         batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
                  for k in ("input_ids", "segment_ids", "positions", "labels")}
         step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh, seed=0,

@@ -32,7 +32,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy
 from data_pipelines.special_tokens import SpecialTokens
 from data_pipelines.tokenizer_files import copy_tokenizer_files
 from ettin_jax.config.loading import dataclass_from_dict, recipe_to_dict
-from ettin_jax.config.schema import CheckpointConfig
+from ettin_jax.config.schema import MEMBERS, CheckpointConfig
 from ettin_jax.errors import CheckpointError, ConfigError, MissingCheckpointError, first_line
 from ettin_jax.models import EttinModel, ModelConfig
 from ettin_jax.models.config import OBJECTIVES, Objective, model_differences
@@ -43,7 +43,6 @@ UNREADABLE = "unreadable-checkpoints"
 TOKENIZER = "tokenizer"
 PHASE_END = "PHASE_END"  # in a step directory: the step ended the phase the file names
 FORMAT_VERSION = 1
-MEMBERS: dict[str, Objective] = {"encoder": "mlm", "decoder": "clm"}
 
 
 @dataclasses.dataclass(frozen=True)

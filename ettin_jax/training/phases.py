@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ettin_jax.config import PhaseConfig, Recipe, TrainConfig, recipe_to_dict
+from ettin_jax.config import PhaseConfig, Recipe, TrainConfig, member_of, recipe_to_dict
 from ettin_jax.errors import ConfigError
 from ettin_jax.models.config import Objective
 from ettin_jax.models.describe import describe_pair, training_flops_per_token
@@ -92,7 +92,7 @@ def run_plan(recipe: Recipe, *, only: str | None = None) -> dict[str, Any]:
     for member in recipe_members(recipe, only):
         objective = MEMBERS[member]
         phases = []
-        for phase, size in zip(recipe.run_phases(), sizes):
+        for phase, size in zip(recipe.for_member(member).run_phases(), sizes):
             train, schedule = phase.train, phase.schedule
             peak = phase.optimizer.learning_rate
             per_token = training_flops_per_token(phase.model, objective, seq_len=train.seq_len,
@@ -161,10 +161,12 @@ def _count(value: int | None) -> str:
 
 
 def _member_recipe(recipe: Recipe, objective: Objective) -> Recipe:
-    """`recipe` as the run of one member: train.objectives = (objective,) everywhere."""
+    """`recipe` as the run of one member: its own phase changes applied
+    (`Recipe.for_member`), train.objectives = (objective,) everywhere."""
     def only(train):
         return dataclasses.replace(train, objectives=(objective,))
 
+    recipe = recipe.for_member(member_of(objective))
     return dataclasses.replace(
         recipe, train=only(recipe.train),
         phases=tuple(dataclasses.replace(p, train=only(p.train)) for p in recipe.phases))

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from data_pipelines.microbatches import MicrobatchQueue
 from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
-from ettin_jax.config import PhaseConfig, Recipe, recipe_to_dict
+from ettin_jax.config import PhaseConfig, Recipe, member_of, recipe_to_dict
 from ettin_jax.models.config import Objective
 from ettin_jax.models.describe import training_flops_per_token
 from ettin_jax.training.batch_sizing import phase_batch_sizes, phase_data_seed, sized_recipe
@@ -96,10 +96,12 @@ def train_pair(recipe: Recipe, run_dir: str | Path, *, only: str | None = None,
 def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, tokenizer,
                  mesh=None, preemption: _Preemption | None = None) -> MemberResult:
     """Trains one member through the recipe's phases (one phase when it lists none), each
-    until its train.steps or train.tokens, from where `resume_position` says. Phases sized in
-    tokens get their rows first (`batch_sizing`). `mesh`: the recipe's mesh (made here when
+    until its train.steps or train.tokens, from where `resume_position` says, with the
+    member's own phase changes (`Recipe.for_member`). Phases sized in tokens get their rows
+    first (`batch_sizing`). `mesh`: the recipe's mesh (made here when
     None)."""
     mesh = make_mesh(recipe.mesh) if mesh is None else mesh
+    recipe = recipe.for_member(member_of(objective))
     if any(phase.train.global_batch_size is None for phase in recipe.run_phases()):
         recipe = _sized(recipe, tokenizer, mesh)
     if jax.process_index() == 0 and not (member_dir / TOKENIZER).is_dir():

@@ -308,6 +308,7 @@ def test_ettin_recipes_hold_the_papers_numbers(size):
                                                                    warmup * 10**9)
     assert (schedule.kind, schedule.decay_tokens, schedule.start) == ("warmup_stable_decay", 0, 1)
     assert recipe.data.mlm_mask_ratio == 0.30
+    assert (recipe.data.chunking, recipe.data.mlm_masking) == ("ettin", "bernoulli")
     # Sized for 64 chips: microbatches that split over every chip.
     assert train.microbatch_size % 64 == 0
     # Phases 2 and 3 (../shared/ettin_reference.md section 2), each from the one before.
@@ -357,6 +358,7 @@ def test_cross_objective_recipes_hold_the_papers_schedule(size, direction):
             schedule.floor) == (1.0, 1_000_000_000 if big else 3_000_000_000, "linear",
                                 3_333_000_000 if big else 10_000_000_000, 0.02)
     assert recipe.data.sources == paired.phases[-1].data.sources
+    assert (recipe.data.chunking, recipe.data.mlm_masking) == ("ettin", "bernoulli")
     if mask is not None:
         assert recipe.data.mlm_mask_ratio == mask
 

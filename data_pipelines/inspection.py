@@ -1,4 +1,5 @@
-"""`ettin-jax data inspect`: batches as arrays for debugging, and a row as a reader sees it."""
+"""`ettin-jax data inspect`: batches as arrays for debugging, a row as a reader sees it, and what
+the rows drew from each source (token shares, chunking's skips)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,18 @@ def _token_text(tokenizer, token_id: int) -> str:
         if value == token_id:
             return f"[{name.upper()}]"
     return tokenizer.decode([token_id])
+
+
+def source_summary(batches) -> str:
+    """One line per source of a `BatchIterator`: documents and tokens its rows drew so far, the
+    realised share of tokens (to compare with the sources' weights), and what chunking dropped
+    or back-filled."""
+    shares = batches.token_shares()
+    lines = []
+    for name, stats in batches.chunk_stats().items():
+        lines.append(f"source {name}: {stats.documents} documents, {stats.tokens} tokens drawn "
+                     f"(token share {shares[name]:.1%}), {stats.chunks} chunks, "
+                     f"{stats.skipped_tokens} tokens skipped in {stats.skipped_chunks} short "
+                     f"tails, {stats.backfilled_tokens} tokens back-filled into "
+                     f"{stats.backfilled_chunks} tails")
+    return "\n".join(lines)

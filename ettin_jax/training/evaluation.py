@@ -16,7 +16,12 @@ from data_pipelines.tokenizers import load_tokenizer
 from ettin_jax.config import Recipe, load_recipe, override_recipe
 from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models.config import Objective
-from ettin_jax.training.checkpoint import MEMBERS, find_members, restore_progress, restore_weights
+from ettin_jax.training.checkpoint import (
+    MEMBERS,
+    find_members,
+    restore_progress,
+    restore_weights,
+)
 from ettin_jax.training.mesh import (
     batch_sharding,
     compute_sharding,

@@ -1,7 +1,9 @@
 """The shared model: forward/backward for both objectives, what each token can see, dropout,
-the sparse head, initialisation, logical axes and bad input."""
+the sparse head, the precision policies, initialisation, logical axes and bad input."""
 
 from __future__ import annotations
+
+import collections
 
 import jax
 import jax.numpy as jnp
@@ -146,30 +148,145 @@ def test_dropout_only_in_training_and_reproducible(rng):
     )
 
 
-def test_sparse_head_equals_dense_head_at_masked_positions(rng):
-    model = randomized_model(small_config(), "mlm", seed=int(rng.integers(1 << 30)))
+@pytest.mark.parametrize(("dtype", "precision"),
+                         [("float32", "uniform"), ("bfloat16", "autocast")])
+def test_sparse_head_equals_dense_head_at_masked_positions(rng, dtype, precision):
+    model = randomized_model(small_config(dtype=dtype, precision=precision), "mlm",
+                             seed=int(rng.integers(1 << 30)))
     ids = jnp.asarray(rng.integers(0, 1024, (3, 30)))
     hidden = run_hidden(model, ids)
     mask = rng.random((3, 30)) < 0.3
     packed = pack_masked_tokens(hidden, jnp.asarray(mask), 40)
     count = int(mask.sum())
-    sparse = np.asarray(model.logits(packed.values))[:count]
+    sparse = model.logits(packed.values)
+    assert packed.values.dtype == sparse.dtype == jnp.float32  # autocast: fp32 rows and logits
     dense = np.asarray(model.logits(hidden))
-    np.testing.assert_allclose(sparse, dense[mask], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sparse)[:count], dense[mask], atol=1e-5)
 
 
-def test_bf16_compute_keeps_fp32_params(rng):
-    config = small_config(dtype="bfloat16")
+@pytest.mark.parametrize(("precision", "logits_dtype"),
+                         [("uniform", jnp.bfloat16), ("autocast", jnp.float32)])
+def test_bf16_compute_keeps_fp32_params(rng, precision, logits_dtype):
+    config = small_config(dtype="bfloat16", precision=precision)
     model = EttinModel(config, "clm", rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     reference = EttinModel(small_config(), "clm", rngs=nnx.Rngs(0))
     nnx.update(reference, nnx.state(model, nnx.Param))
     assert {a.dtype for a in flat_params(model).values()} == {np.dtype("float32")}
     ids = jnp.asarray(rng.integers(0, 1024, (2, 20)))
     logits = run_logits(model, ids)
-    assert logits.dtype == jnp.bfloat16
+    assert logits.dtype == logits_dtype
     np.testing.assert_allclose(
         np.asarray(logits, np.float32), _logits(reference, np.asarray(ids)), atol=0.1
     )
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_precision_policies_are_one_network_in_fp32(rng, objective):
+    """With dtype float32, precision "autocast" computes exactly what "uniform" does: hidden
+    states, logits and parameter gradients, bit for bit."""
+    seed = int(rng.integers(1 << 30))
+    models = {p: randomized_model(small_config(precision=p, local_attention=8), objective, seed)
+              for p in ("uniform", "autocast")}
+    ids = jnp.asarray(rng.integers(0, 1024, (2, 29)))
+    segments = jnp.asarray([[1] * 12 + [2] * 13 + [0] * 4, [1] * 29])
+
+    def loss(model):
+        logits = model.logits(model(ids, segments))
+        return jnp.sum(jnp.tanh(logits) * (segments[..., None] != 0)), logits
+
+    results = {p: nnx.jit(nnx.value_and_grad(loss, has_aux=True))(m) for p, m in models.items()}
+    (u_loss, u_logits), u_grads = results["uniform"]
+    (a_loss, a_logits), a_grads = results["autocast"]
+    assert u_logits.dtype == a_logits.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(a_logits), np.asarray(u_logits))
+    np.testing.assert_array_equal(np.asarray(a_loss), np.asarray(u_loss))
+    for (path, a), (_, u) in zip(nnx.to_flat_state(a_grads), nnx.to_flat_state(u_grads)):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(u.get_value()),
+                                      err_msg=str(path))
+
+
+def _primitives(jaxpr) -> list:
+    """Every equation of `jaxpr`, those of its sub-jaxprs (jit, custom_jvp, ...) included."""
+    eqns = []
+    for eqn in jaxpr.eqns:
+        eqns.append(eqn)
+        stack = list(eqn.params.values())
+        while stack:
+            value = stack.pop()
+            if isinstance(value, (tuple, list)):
+                stack.extend(value)
+            elif hasattr(value, "eqns"):
+                eqns.extend(_primitives(value))
+            elif hasattr(getattr(value, "jaxpr", None), "eqns"):
+                eqns.extend(_primitives(value.jaxpr))
+    return eqns
+
+
+def _forward_dtypes(model, ids) -> dict:
+    """The dtypes of one forward (hidden states, then logits) from its jaxpr: the outputs, the
+    (lhs, rhs, out) dtypes of every matmul and the dtypes of the adds of [B, S, hidden]."""
+    graph, state = nnx.split(model)
+
+    def forward(state, ids):
+        m = nnx.merge(graph, state)
+        hidden = m(ids)
+        return hidden, m.logits(hidden)
+
+    closed = jax.make_jaxpr(forward)(state, ids)
+    eqns = _primitives(closed.jaxpr)
+    stream_shape = (*ids.shape, model.config.hidden_size)
+    return {
+        "outputs": [var.aval.dtype for var in closed.jaxpr.outvars],
+        "matmuls": collections.Counter(
+            (e.invars[0].aval.dtype.name, e.invars[1].aval.dtype.name, e.outvars[0].aval.dtype.name)
+            for e in eqns if e.primitive.name == "dot_general"),
+        "stream_adds": {e.outvars[0].aval.dtype.name for e in eqns
+                        if e.primitive.name == "add" and e.outvars[0].aval.shape == stream_shape},
+    }
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_autocast_keeps_the_residual_stream_and_logits_fp32(rng, objective):
+    """precision "autocast" (bf16): every matmul takes bf16 operands (weights and activations)
+    and gives bf16, except the attention scores (fp32 accumulation inside attention) and the
+    vocabulary projection (fp32 logits); every add on the residual stream [B, S, hidden] is
+    fp32 and the hidden states are fp32. "uniform" runs the stream and the logits in bf16."""
+    layers = 4
+    ids = jnp.asarray(rng.integers(0, 1024, (2, 12)))
+    found = {p: _forward_dtypes(EttinModel(small_config(dtype="bfloat16", precision=p,
+                                                        num_layers=layers),
+                                           objective, rngs=nnx.Rngs(0)), ids)
+             for p in ("autocast", "uniform")}
+    bf16, f32 = "bfloat16", "float32"
+    # Per layer: Wqkv, attention scores, probabilities x values, Wo, Wi, MLP Wo; then the head
+    # dense and the vocabulary projection.
+    assert found["autocast"]["matmuls"] == {
+        (bf16, bf16, bf16): 5 * layers + 1, (bf16, bf16, f32): layers + 1}
+    assert found["uniform"]["matmuls"] == {(bf16, bf16, bf16): 5 * layers + 2,
+                                           (bf16, bf16, f32): layers}
+    assert found["autocast"]["stream_adds"] == {f32}
+    assert found["uniform"]["stream_adds"] == {bf16}
+    assert found["autocast"]["outputs"] == [jnp.float32, jnp.float32]
+    assert found["uniform"]["outputs"] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def test_autocast_bf16_runs_the_pallas_kernels(rng):
+    """Under autocast the attention kernels get q, k, v in the compute dtype (bf16), as under
+    uniform: the Pallas flash attention gives the XLA attention's hidden states."""
+    seed = int(rng.integers(1 << 30))
+    hidden = {}
+    ids = jnp.asarray(rng.integers(0, 1024, (2, 29)))
+    segments = jnp.asarray([[1] * 12 + [2] * 13 + [0] * 4, [1] * 29])
+    for impl in ("xla", "pallas"):
+        config = small_config(dtype="bfloat16", precision="autocast", attention_impl=impl,
+                              local_attention=8)
+        hidden[impl] = np.asarray(run_hidden(randomized_model(config, "clm", seed), ids, segments))
+    real = np.asarray(segments) != 0
+    assert hidden["pallas"].dtype == np.float32
+    # Both round attention probabilities and outputs to bf16 (eps 2**-7); the kernels
+    # accumulate blockwise, so roundings differ now and then.
+    scale = np.abs(hidden["xla"][real]).max()
+    assert np.abs(hidden["pallas"] - hidden["xla"])[real].max() <= 2**-7 * scale
 
 
 def test_megatron_init(rng):
@@ -245,6 +362,7 @@ def test_bad_model_input_is_named(rng):
         ({"local_attention": 7}, "local_attention must be an even number"),
         ({"num_layers": 0}, "num_layers must be >= 1"),
         ({"attention_output_dropout": 1.5}, "attention_output_dropout must be in"),
+        ({"precision": "autocat"}, "unknown precision 'autocat'. Did you mean 'autocast'"),
     ],
 )
 def test_bad_config_is_named(overrides, message):

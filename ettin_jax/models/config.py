@@ -9,14 +9,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from ettin_jax.errors import did_you_mean
+
 Objective = Literal["mlm", "clm"]
 OBJECTIVES: tuple[str, ...] = ("mlm", "clm")
 
 AttentionImpl = Literal["xla", "pallas", "cudnn"]
 DType = Literal["float32", "bfloat16", "float16"]
+Precision = Literal["uniform", "autocast"]
+PRECISIONS: tuple[str, ...] = ("uniform", "autocast")
 # Fields that change how a model runs, not what its weights are: a checkpoint saved with one
 # value resumes with another.
-RUNTIME_MODEL_FIELDS: tuple[str, ...] = ("preset", "attention_impl", "dtype")
+RUNTIME_MODEL_FIELDS: tuple[str, ...] = ("preset", "attention_impl", "dtype", "precision")
 # Fields a new training phase (or a weights-only start) may change on trained weights: the RoPE
 # bases (context extension) and dropout.
 PHASE_MODEL_FIELDS: tuple[str, ...] = ("global_rope_theta", "local_rope_theta",
@@ -42,6 +46,15 @@ class ModelConfig:
         dropout Ettin trains with; it is off whenever the model runs deterministically.
       dtype / param_dtype: compute and storage dtypes (bf16 compute with fp32 params is the
         training setting).
+      precision: where `dtype` applies.
+        "uniform": every op computes in `dtype`, the residual stream, LayerNorm outputs and
+          logits included (the default).
+        "autocast": PyTorch autocast as Ettin trained (Composer amp_bf16): the matmuls
+          (Wqkv, Wo, Wi, head dense, attention) take `dtype` inputs and give `dtype` outputs,
+          and GELU runs on them in `dtype`; the embedding output, every LayerNorm (computed
+          and returned in float32), the residual stream and the vocabulary logits (`dtype`
+          inputs, float32 accumulation and output, float32 bias) are float32.
+        The two are the same network when dtype is float32.
       attention_impl: which implementation runs attention (`ettin_jax.models.attention`).
 
     Raises ValueError from construction when the fields are inconsistent, naming the field.
@@ -63,6 +76,7 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: DType = "float32"
     param_dtype: DType = "float32"
+    precision: Precision = "uniform"
     attention_impl: AttentionImpl = "xla"
 
     def __post_init__(self) -> None:
@@ -98,10 +112,27 @@ class ModelConfig:
         for name in ("global_rope_theta", "local_rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision {self.precision!r}."
+                f"{did_you_mean(str(self.precision), PRECISIONS)} Valid: {', '.join(PRECISIONS)}"
+            )
         if not 0.0 <= self.attention_output_dropout < 1.0:
             raise ValueError(
                 f"attention_output_dropout must be in [0, 1), got {self.attention_output_dropout}"
             )
+
+    @property
+    def stream_dtype(self) -> str:
+        """The dtype of the embedding output, the LayerNorm outputs and the residual stream:
+        float32 under precision "autocast", `dtype` under "uniform"."""
+        return "float32" if self.precision == "autocast" else self.dtype
+
+    @property
+    def logits_dtype(self) -> str:
+        """The dtype the vocabulary logits are accumulated and returned in: float32 under
+        precision "autocast", `dtype` under "uniform"."""
+        return "float32" if self.precision == "autocast" else self.dtype
 
     @property
     def head_dim(self) -> int:

@@ -9,6 +9,11 @@ Every parameter carries logical axis names; the trainer's rules table maps them 
   glu     the input/gate slot of the GLU projection (size 2; never sharded)
   norm    LayerNorm scales (never sharded)
 Parameters are created with eager sharding off: placement is the trainer's job.
+
+Numerics (`ModelConfig.precision`): the projections (`_dense`, `_fused`) always compute in
+config.dtype; the embedding output, the LayerNorms and the residual adds use
+`config.stream_dtype`, which is config.dtype under "uniform" and float32 under "autocast"
+(PyTorch autocast: a `dtype` branch output added to the float32 residual stream gives float32).
 """
 
 from __future__ import annotations
@@ -53,13 +58,14 @@ def output_std(config: ModelConfig) -> float:
 
 
 def layer_norm(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """Scale-only LayerNorm over hidden_size, eps from config."""
+    """Scale-only LayerNorm over hidden_size, eps from config; statistics in float32 (at
+    least), input, scale and output in config.stream_dtype."""
     return nnx.LayerNorm(
         config.hidden_size,
         epsilon=config.norm_eps,
         use_bias=False,
         scale_init=_logical(nnx.initializers.ones, "norm"),
-        dtype=config.dtype,
+        dtype=config.stream_dtype,
         param_dtype=config.param_dtype,
         rngs=rngs,
     )
@@ -84,13 +90,14 @@ def _fused(n_in: int, slots: int, n_out: int, axes: tuple[str, str, str], config
 
 
 class Embeddings(nnx.Module):
-    """Token embedding followed by a LayerNorm (no position embeddings: RoPE does that)."""
+    """Token embedding followed by a LayerNorm (no position embeddings: RoPE does that); the
+    output is in config.stream_dtype."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.tok_embeddings = nnx.Embed(
             config.vocab_size, config.hidden_size,
             embedding_init=_logical(truncated_normal(config.init_std), "vocab", "embed"),
-            dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs,
+            dtype=config.stream_dtype, param_dtype=config.param_dtype, rngs=rngs,
         )
         self.norm = layer_norm(config, rngs=rngs)
 
@@ -192,12 +199,15 @@ class TransformerBlock(nnx.Module):
         (block output, extra)."""
         attn_in = x if self.attn_norm is None else self.attn_norm(x)
         attn_out, extra = attend(attn_in)
-        x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), extra
+        # The residual stream keeps its dtype (float32 under autocast, where the branches
+        # give config.dtype).
+        x = x + attn_out.astype(x.dtype)
+        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), extra
 
 
 class PredictionHead(nnx.Module):
-    """dense (no bias) -> exact GELU -> LayerNorm: the transform before the tied vocab projection."""
+    """dense (no bias) -> exact GELU -> LayerNorm: the transform before the tied vocab projection.
+    dense and GELU compute in config.dtype, the norm in config.stream_dtype."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.dense = _dense(

@@ -75,7 +75,8 @@ class EttinModel(nnx.Module):
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Final hidden states [B, S, hidden] (after the final norm, before the head).
+        """Final hidden states [B, S, hidden] (after the final norm, before the head), in
+        config.stream_dtype (float32 under precision "autocast").
 
         Args:
           input_ids: int [B, S] token ids in [0, vocab_size).
@@ -108,12 +109,18 @@ class EttinModel(nnx.Module):
 
         head (dense -> GELU -> norm), then the tied embedding transpose plus the decoder bias.
         Pass packed rows (`pallas_kernels.pack_masked_tokens`) to run the head only where it is
-        needed.
+        needed. The projection takes config.dtype inputs; the logits are config.logits_dtype
+        (under precision "autocast": float32 accumulation, output and bias).
         """
         transformed = self.head(hidden)
-        return self.embeddings.tok_embeddings.attend(transformed) + self.decoder_bias[...].astype(
-            transformed.dtype
-        )
+        config = self.config
+        if config.precision == "uniform":
+            return self.embeddings.tok_embeddings.attend(transformed) + self.decoder_bias[
+                ...].astype(transformed.dtype)
+        embedding = self.embeddings.tok_embeddings.embedding[...].astype(config.dtype)
+        logits = jnp.dot(transformed.astype(config.dtype), embedding.T,
+                         preferred_element_type=config.logits_dtype)
+        return logits + self.decoder_bias[...].astype(config.logits_dtype)
 
     def check_inputs(
         self, input_ids: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None

@@ -53,6 +53,12 @@ class BatchSpec:
     chunking: str = "bracketed"
     min_chunk_tokens: int = 512
     skip_chunk_tokens: int = 32
+    data_seed: int | None = None  # document order and chunking (None: `seed`, which masks)
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the document order and of chunk back-fills."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -96,7 +102,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             self._streams[int(row)] = iter(packed_rows(
                 documents[int(row)::batch], seq_len=spec.seq_len, special=self._special,
                 bins=bins, chunking=spec.chunking, min_chunk_tokens=spec.min_chunk_tokens,
-                skip_chunk_tokens=spec.skip_chunk_tokens, seed=spec.seed,
+                skip_chunk_tokens=spec.skip_chunk_tokens, seed=spec.order_seed,
                 stats=self._chunk_stats[-1]))
         self._pool = ThreadPoolExecutor(workers) if workers > 0 else None
 
@@ -197,8 +203,10 @@ def make_batch_iterator(
     mask_ratio: float | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    data_seed: int | None = None,
 ) -> BatchIterator:
-    """Batches of `objective` ("mlm" or "clm") from `data` for this process.
+    """Batches of `objective` ("mlm" or "clm") from `data` for this process. `seed` draws the
+    MLM masks, `data_seed` (None: `seed`) the document order and chunking.
 
     The tokenizer defaults to `load_data_tokenizer(data)`, the mask ratio to
     data.mlm_mask_ratio (phases override it; held-out evaluation sets 0.15). Chunking and
@@ -210,7 +218,7 @@ def make_batch_iterator(
                      mask_ratio if mask_ratio is not None else data.mlm_mask_ratio,
                      process_index, process_count, mlm_masking=data.mlm_masking,
                      chunking=data.chunking, min_chunk_tokens=data.min_chunk_tokens,
-                     skip_chunk_tokens=data.skip_chunk_tokens)
-    documents, stats = open_documents(data, tokenizer, seed=seed)
+                     skip_chunk_tokens=data.skip_chunk_tokens, data_seed=data_seed)
+    documents, stats = open_documents(data, tokenizer, seed=spec.order_seed)
     return BatchIterator(documents, spec, tokenizer=tokenizer, bins=data.packing_bins,
                          workers=data.workers, source_stats=stats)

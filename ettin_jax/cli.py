@@ -117,7 +117,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
-    from data_pipelines.inspection import dump_batches, render_row
+    from data_pipelines.inspection import dump_batches, render_row, source_summary
     from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
     from ettin_jax.training.batch_sizing import phase_batch_sizes, phase_data_seed
 
@@ -127,11 +127,13 @@ def _data_inspect(args: argparse.Namespace) -> int:
     rows = phase_batch_sizes(recipe.phase_recipe(first), tokenizer=tokenizer)[0].rows
     batches = make_batch_iterator(
         first.data, seq_len=first.train.seq_len, global_batch_size=rows,
-        seed=phase_data_seed(first.train, 0), objective=args.objective, tokenizer=tokenizer,
+        seed=first.train.seed, data_seed=phase_data_seed(first.train, 0),
+        objective=args.objective, tokenizer=tokenizer,
     )
     dumped = [next(batches) for _ in range(args.batches)]
     for path, stats in batches.source_stats.items():
         print(f"source {path}: {stats.as_dict()}")
+    print(source_summary(batches))
     print(render_row(dumped[0], tokenizer, objective=args.objective))
     if args.out:
         shapes = dump_batches(dumped, args.out)

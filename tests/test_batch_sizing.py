@@ -23,6 +23,7 @@ from ettin_jax.training.batch_sizing import (
     batch_size,
     estimated_steps,
 )
+from ettin_jax.training.evaluation import evaluate_run
 from ettin_jax.training.metrics import read_metrics
 from ettin_jax.training.schedules import batch_size_schedule
 from ettin_jax.training.trainer import train_pair
@@ -104,7 +105,8 @@ def test_training_takes_the_token_budget_per_step(tmp_path, tokenizer_dir):
     recipe = load_recipe(ONE_PHASE, [
         f"data.tokenizer={tokenizer_dir}", "train.steps=3", "train.seq_len=64",
         "train.global_batch_tokens=1000", "train.microbatch_size=8", "model.num_layers=2",
-        "logging.every_steps=1", "train.objectives=[clm]", "checkpoint.every_steps=100"])
+        "logging.every_steps=1", "train.objectives=[clm]", "checkpoint.every_steps=100",
+        "logging.eval_every_steps=3", "logging.eval_batches=1"])
     results = train_pair(recipe, tmp_path / "run")
     assert results["decoder"].step == 3
     logged = read_metrics(tmp_path / "run" / "decoder")
@@ -115,6 +117,34 @@ def test_training_takes_the_token_budget_per_step(tmp_path, tokenizer_dir):
     # Rows were chosen so that the measured fill puts ~1000 real tokens in a step.
     per_step = np.diff([0] + [r["tokens"] for r in logged])
     assert all(abs(t - 1000) <= 4 * 64 + 64 for t in per_step), per_step
+    # `ettin-jax eval` sizes the run's batches the same way: the trainer's held-out numbers.
+    trained = [r for r in logged if "eval_loss" in r][-1]
+    again = evaluate_run(tmp_path / "run")["decoder"]
+    assert again["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
+    assert again["eval_targets"] == trained["eval_targets"]
+
+
+def test_data_seed_orders_the_documents_and_seed_draws_the_masks(tokenizer_dir):
+    from data_pipelines.pipeline import make_batch_iterator
+    from data_pipelines.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    data = DataConfig(sources=(SourceConfig("bundled", kind="bundled", split="heldout"),),
+                      mlm_masking="bernoulli")
+
+    def batch(seed, data_seed):
+        return next(make_batch_iterator(data, seq_len=64, global_batch_size=4, seed=seed,
+                                        data_seed=data_seed, objective="mlm",
+                                        tokenizer=tokenizer))
+
+    base, other_masks, other_order = batch(1, 5), batch(2, 5), batch(1, 6)
+    assert np.array_equal(base["segment_ids"], other_masks["segment_ids"])
+    assert not np.array_equal(base["labels"], other_masks["labels"])
+    originals = [np.where(b["labels"] >= 0, b["labels"], b["input_ids"]) for b in
+                 (base, other_masks, other_order)]
+    assert np.array_equal(originals[0], originals[1])  # the same rows, masked differently
+    assert not np.array_equal(originals[0], originals[2])  # other documents
+    assert np.array_equal(batch(5, None)["segment_ids"], base["segment_ids"])  # default: seed
 
 
 def _plan(recipe: Path, capsys) -> dict:

@@ -95,27 +95,33 @@ def estimated_steps(train: TrainConfig, size: BatchSize) -> int:
 
 def phase_batch_sizes(recipe: Recipe, *, tokenizer=None, row_multiple: int = 1,
                       measure: str = "tokens") -> list[BatchSize]:
-    """The BatchSize of every phase of `recipe` (`Recipe.run_phases` order).
+    """The BatchSize of every phase of `recipe` (`Recipe.run_phases` order); see
+    `phase_batch_size`."""
+    return [phase_batch_size(phase, index, tokenizer=tokenizer, row_multiple=row_multiple,
+                             measure=measure)
+            for index, phase in enumerate(recipe.run_phases())]
 
-    measure: "tokens" measures the packing fill of phases sized in tokens (training: their
-    data must be readable; raises what reading it raises); "all" measures every phase whose
+
+def phase_batch_size(phase: PhaseConfig, index: int, *, tokenizer=None, row_multiple: int = 1,
+                     measure: str = "tokens") -> BatchSize:
+    """The BatchSize of `phase`, the `index`-th of its run (which sets its data seed).
+
+    measure: "tokens" measures the packing fill of a phase sized in tokens (training: its data
+    must be readable; raises what reading it raises); "all" measures it for any phase whose
     data can be read and assumes ASSUMED_PACKING_FILL where it cannot (a dry run: nothing is
     required to exist). `tokenizer` None: the data's own (`load_data_tokenizer`)."""
     from data_pipelines.pipeline import load_data_tokenizer
 
-    sizes = []
-    for index, phase in enumerate(recipe.run_phases()):
-        fill = None
-        if measure == "all" or phase.train.global_batch_tokens is not None:
-            try:
-                fill = measure_packing_fill(phase.data, seq_len=phase.train.seq_len,
-                                            seed=phase_data_seed(phase.train, index),
-                                            tokenizer=tokenizer or load_data_tokenizer(phase.data))
-            except (SourceError, TokenizerError):
-                if measure != "all":
-                    raise
-        sizes.append(batch_size(phase.train, packing_fill=fill, row_multiple=row_multiple))
-    return sizes
+    fill = None
+    if measure == "all" or phase.train.global_batch_tokens is not None:
+        try:
+            fill = measure_packing_fill(phase.data, seq_len=phase.train.seq_len,
+                                        seed=phase_data_seed(phase.train, index),
+                                        tokenizer=tokenizer or load_data_tokenizer(phase.data))
+        except (SourceError, TokenizerError):
+            if measure != "all":
+                raise
+    return batch_size(phase.train, packing_fill=fill, row_multiple=row_multiple)
 
 
 def sized_recipe(recipe: Recipe, sizes: list[BatchSize]) -> Recipe:

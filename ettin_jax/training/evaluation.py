@@ -16,6 +16,7 @@ from data_pipelines.tokenizers import load_tokenizer
 from ettin_jax.config import Recipe, load_recipe, override_recipe
 from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models.config import Objective
+from ettin_jax.training.batch_sizing import phase_batch_size
 from ettin_jax.training.checkpoint import (
     MEMBERS,
     find_members,
@@ -100,10 +101,11 @@ def evaluate_run(run_dir: str | Path, *, batches: int | None = None,
     if not recipe_file.is_file():
         raise CheckpointError(f"{run_dir}: no {RECIPE_FILE}; eval takes a run directory that "
                               f"`ettin-jax train` wrote")
-    recipe = load_recipe(recipe_file)
+    run_recipe = load_recipe(recipe_file)
     results = {}
     for member, member_dir in members.items():
         objective = MEMBERS[member]
+        recipe = run_recipe.for_member(member)
         restored = restore_weights(member_dir)
         phases = recipe.run_phases()
         phase = phases[min(restore_progress(member_dir, restored.step).get("phase", 0),
@@ -119,6 +121,11 @@ def evaluate_run(run_dir: str | Path, *, batches: int | None = None,
         sharding = params_shardings(settings.model, objective, mesh)
         params = jax.device_put(nnx.to_pure_dict(nnx.state(restored.model, nnx.Param)), sharding)
         tokenizer = load_tokenizer(restored.tokenizer_dir)
+        # A batch sized in tokens takes the rows training took (the same measured fill).
+        size = phase_batch_size(settings.run_phases()[0], phases.index(phase),
+                                tokenizer=tokenizer, row_multiple=mesh.size, measure="all")
+        settings = dataclasses.replace(settings, train=dataclasses.replace(
+            settings.train, global_batch_size=size.rows))
         evaluate = make_evaluator(settings, objective, tokenizer, mesh, sharding,
                                   batches=batches or settings.logging.eval_batches)
         results[member] = {"step": restored.step, "phase": phase.name, **evaluate(params)}

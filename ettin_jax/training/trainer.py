@@ -227,8 +227,9 @@ def _stop_reason(info: StepInfo, phase: PhaseConfig,
     if metrics.get("mlm_overflow", 0) > 0:
         return (f"stopped at step {info.step}: {int(metrics['mlm_overflow'])} masked tokens did "
                 f"not fit the MLM head's packing capacity for data.mlm_mask_ratio="
-                f"{phase.data.mlm_mask_ratio} (update skipped); the data masks more tokens "
-                f"than its ratio"), True
+                f"{phase.data.mlm_mask_ratio} (update skipped): the data masks far more tokens "
+                f"than its ratio, beyond the capacity's margin for random (bernoulli) "
+                f"masking"), True
     if int(metrics["nonfinite_streak"]) >= train.max_nonfinite_steps:
         return (f"stopped at step {info.step}: {train.max_nonfinite_steps} updates in a row "
                 f"had a non-finite loss or gradient (skipped)"), True
@@ -248,7 +249,8 @@ class _PhaseBatches:
         train = phase.train
         stream = make_batch_iterator(
             phase.data, seq_len=train.seq_len, global_batch_size=train.global_batch_size,
-            seed=phase_data_seed(train, index), objective=objective, tokenizer=tokenizer,
+            seed=train.seed + index, data_seed=phase_data_seed(train, index),
+            objective=objective, tokenizer=tokenizer,
             process_index=jax.process_index(), process_count=jax.process_count())
         self._microbatch = train.microbatch_size or train.global_batch_size
         self._queue = MicrobatchQueue(stream, train.global_batch_size // self._microbatch)

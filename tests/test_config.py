@@ -296,7 +296,7 @@ def test_ettin_recipes_hold_the_papers_numbers(size):
     lr, wd, warmup, batch_warmup = ETTIN_PHASE_1[size]
     assert not model_differences(recipe.model, get_preset(f"ettin-{size}"),
                                  ignore=RUNTIME_MODEL_FIELDS)
-    assert recipe.model.dtype == "bfloat16"
+    assert (recipe.model.dtype, recipe.model.precision) == ("bfloat16", "autocast")
     assert (recipe.optimizer.name, recipe.optimizer.learning_rate, recipe.optimizer.weight_decay,
             recipe.optimizer.b1, recipe.optimizer.b2, recipe.optimizer.eps) == \
         ("stable_adamw", lr, wd, 0.9, 0.98, 1e-6)
@@ -359,6 +359,7 @@ def test_cross_objective_recipes_hold_the_papers_schedule(size, direction):
                                 3_333_000_000 if big else 10_000_000_000, 0.02)
     assert recipe.data.sources == paired.phases[-1].data.sources
     assert (recipe.data.chunking, recipe.data.mlm_masking) == ("ettin", "bernoulli")
+    assert (recipe.model.dtype, recipe.model.precision) == ("bfloat16", "autocast")
     if mask is not None:
         assert recipe.data.mlm_mask_ratio == mask
 

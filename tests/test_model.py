@@ -14,7 +14,7 @@ from flax import nnx
 
 from ettin_jax.models import EttinModel
 from ettin_jax.models.attention import local_window, visibility_mask
-from ettin_jax.models.layers import truncated_normal
+from ettin_jax.models.layers import tied_logits, truncated_normal
 from ettin_jax.models.rope import document_positions
 from pallas_kernels import pack_masked_tokens
 
@@ -268,6 +268,29 @@ def test_autocast_keeps_the_residual_stream_and_logits_fp32(rng, objective):
     assert found["uniform"]["stream_adds"] == {bf16}
     assert found["autocast"]["outputs"] == [jnp.float32, jnp.float32]
     assert found["uniform"]["outputs"] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def test_tied_logits_backward_runs_in_the_operand_dtype(rng):
+    """The autocast vocabulary projection: bf16 operands, fp32 logits; the backward rounds the
+    logits' gradient to bf16 (as torch autocast's bf16 logits have a bf16 gradient) and runs
+    both backward matmuls in bf16, instead of autodiff's fp32 x bf16 matmuls."""
+    x = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.bfloat16)
+    embedding = jnp.asarray(rng.normal(size=(11, 16)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(3, 5, 11)), jnp.float32)
+    logits, vjp = jax.vjp(tied_logits, x, embedding)
+    d_x, d_embedding = vjp(g)
+    assert logits.dtype == jnp.float32 and d_x.dtype == d_embedding.dtype == jnp.bfloat16
+    x32, e32 = np.asarray(x, np.float32), np.asarray(embedding, np.float32)
+    g16 = np.asarray(g.astype(jnp.bfloat16), np.float32)
+    np.testing.assert_allclose(np.asarray(logits), x32 @ e32.T, rtol=1e-5, atol=1e-5)
+    # Exact products of bf16 values summed in fp32, then one bf16 rounding (2**-8 relative).
+    for got, want in ((d_x, g16 @ e32), (d_embedding, np.einsum("bsv,bsh->vh", g16, x32))):
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2**-8,
+                                   atol=2**-8 * np.abs(want).max())
+    backward = jax.make_jaxpr(vjp)(g)
+    operands = {v.aval.dtype.name for e in _primitives(backward.jaxpr)
+                if e.primitive.name == "dot_general" for v in e.invars}
+    assert operands == {"bfloat16"}
 
 
 def test_autocast_bf16_runs_the_pallas_kernels(rng):

@@ -129,12 +129,6 @@ class ModelConfig:
         return "float32" if self.precision == "autocast" else self.dtype
 
     @property
-    def logits_dtype(self) -> str:
-        """The dtype the vocabulary logits are accumulated and returned in: float32 under
-        precision "autocast", `dtype` under "uniform"."""
-        return "float32" if self.precision == "autocast" else self.dtype
-
-    @property
     def head_dim(self) -> int:
         """Features per attention head (64 in every Ettin size)."""
         return self.hidden_size // self.num_heads

@@ -219,6 +219,34 @@ class PredictionHead(nnx.Module):
         return self.norm(jax.nn.gelu(self.dense(x), approximate=False))
 
 
+@jax.custom_vjp
+def tied_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
+    """x [..., H] @ embedding [V, H]^T -> float32 logits [..., V] from operands of one (low)
+    dtype, accumulated in float32: the vocabulary projection under precision "autocast".
+
+    The backward is autocast's too: the logits' gradient enters the two backward matmuls in
+    the operands' dtype (PyTorch autocast's logits, and so their gradient, are bf16), which
+    gives gradients for x and embedding in that dtype. Plain autodiff would run both with a
+    float32 operand, i.e. in float32.
+    """
+    return jnp.dot(x, embedding.T, preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(x, embedding):
+    return tied_logits(x, embedding), (x, embedding)
+
+
+def _tied_logits_bwd(residuals, g):
+    x, embedding = residuals
+    g = g.astype(x.dtype)
+    d_x = jnp.dot(g, embedding)
+    d_embedding = jnp.tensordot(g, x, axes=(tuple(range(g.ndim - 1)),) * 2)
+    return d_x, d_embedding.astype(embedding.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
 def vocab_bias(config: ModelConfig) -> nnx.Param:
     """The decoder bias [vocab], zero-initialised."""
     return nnx.Param(

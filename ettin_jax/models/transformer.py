@@ -27,6 +27,7 @@ from ettin_jax.models.layers import (
     TransformerBlock,
     layer_norm,
     rope_by_kind,
+    tied_logits,
     vocab_bias,
 )
 from ettin_jax.models.rope import document_positions
@@ -109,8 +110,9 @@ class EttinModel(nnx.Module):
 
         head (dense -> GELU -> norm), then the tied embedding transpose plus the decoder bias.
         Pass packed rows (`pallas_kernels.pack_masked_tokens`) to run the head only where it is
-        needed. The projection takes config.dtype inputs; the logits are config.logits_dtype
-        (under precision "autocast": float32 accumulation, output and bias).
+        needed. The projection takes config.dtype operands; the logits are config.dtype under
+        precision "uniform", float32 under "autocast" (float32 accumulation and bias,
+        `layers.tied_logits`).
         """
         transformed = self.head(hidden)
         config = self.config
@@ -118,9 +120,8 @@ class EttinModel(nnx.Module):
             return self.embeddings.tok_embeddings.attend(transformed) + self.decoder_bias[
                 ...].astype(transformed.dtype)
         embedding = self.embeddings.tok_embeddings.embedding[...].astype(config.dtype)
-        logits = jnp.dot(transformed.astype(config.dtype), embedding.T,
-                         preferred_element_type=config.logits_dtype)
-        return logits + self.decoder_bias[...].astype(config.logits_dtype)
+        logits = tied_logits(transformed.astype(config.dtype), embedding)
+        return logits + self.decoder_bias[...].astype(logits.dtype)
 
     def check_inputs(
         self, input_ids: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None

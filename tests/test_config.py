@@ -283,8 +283,10 @@ ETTIN_PHASE_1 = {"17m": (3e-3, 3e-4, 4, 125), "32m": (3e-3, 3e-4, 4, 100),
 # Local-layer RoPE bases of phases 2 and 3 (encoder, decoder) where not 160k, from Ettin's
 # de_decay and prolong_decay configs (local_attn_rotary_emb_base; absent = the global 160k).
 ETTIN_LOCAL_ROPE = {("17m", "extension"): (10_000.0, 10_000.0),
-                    ("17m", "decay"): (160_000.0, 10_000.0), ("32m", "decay"): (160_000.0, 10_000.0),
-                    ("68m", "decay"): (160_000.0, 10_000.0), ("400m", "decay"): (160_000.0, 10_000.0)}
+                    ("17m", "decay"): (160_000.0, 10_000.0),
+                    ("32m", "decay"): (160_000.0, 10_000.0),
+                    ("68m", "decay"): (160_000.0, 10_000.0),
+                    ("400m", "decay"): (160_000.0, 10_000.0)}
 # Ettin's cross-train configs: learning rate (the fresh optimizer's peak) per size.
 ETTIN_CROSS_LR = {"17m": 1.5e-3, "32m": 1.5e-3, "68m": 1.5e-3, "150m": 4e-4, "400m": 2.5e-4,
                   "1b": 2.5e-4}

@@ -14,6 +14,7 @@ import pytest
 
 from data_pipelines.config import DataConfig, SourceConfig
 from data_pipelines.packing_fill import measure_packing_fill
+from data_pipelines.tokenizers import load_tokenizer
 from ettin_jax.cli import main
 from ettin_jax.config import TrainConfig, load_recipe
 from ettin_jax.errors import ConfigError
@@ -91,8 +92,6 @@ def test_estimated_steps_follow_the_batch_size_warmup(warmup, rng):
 
 
 def test_packing_fill_is_measured_deterministically(tokenizer_dir):
-    from data_pipelines.tokenizers import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_dir)
     data = DataConfig(sources=(SourceConfig("bundled", kind="bundled", split="heldout"),))
     fills = [measure_packing_fill(data, seq_len=128, seed=seed, tokenizer=tokenizer)
@@ -103,20 +102,23 @@ def test_packing_fill_is_measured_deterministically(tokenizer_dir):
 
 def test_training_takes_the_token_budget_per_step(tmp_path, tokenizer_dir):
     recipe = load_recipe(ONE_PHASE, [
-        f"data.tokenizer={tokenizer_dir}", "train.steps=3", "train.seq_len=64",
+        f"data.tokenizer={tokenizer_dir}", "train.steps=6", "train.seq_len=64",
         "train.global_batch_tokens=1000", "train.microbatch_size=8", "model.num_layers=2",
-        "logging.every_steps=1", "train.objectives=[clm]", "checkpoint.every_steps=100",
-        "logging.eval_every_steps=3", "logging.eval_batches=1"])
+        "train.batch_warmup_tokens=1000", "logging.every_steps=1", "train.objectives=[clm]",
+        "checkpoint.every_steps=100", "logging.eval_every_steps=6", "logging.eval_batches=1"])
     results = train_pair(recipe, tmp_path / "run")
-    assert results["decoder"].step == 3
+    assert results["decoder"].step == 6
     logged = read_metrics(tmp_path / "run" / "decoder")
-    rows = {int(r["batch_rows"]) for r in logged}
-    assert len(rows) == 1
-    (rows,) = rows
-    assert rows % 8 == 0
-    # Rows were chosen so that the measured fill puts ~1000 real tokens in a step.
+    rows = [int(r["batch_rows"]) for r in logged]
+    full = batch_size(recipe.train, packing_fill=measure_packing_fill(
+        recipe.data, seq_len=64, seed=21, tokenizer=load_tokenizer(tokenizer_dir))).rows
+    assert full % 8 == 0 and full > 8
+    # Batch-size warmup in tokens: one microbatch first, growing to the full batch.
+    assert rows[0] == 8 and rows[-1] == full and rows == sorted(rows), rows
+    # The full batches hold ~1000 real tokens: the measured fill sized them.
     per_step = np.diff([0] + [r["tokens"] for r in logged])
-    assert all(abs(t - 1000) <= 4 * 64 + 64 for t in per_step), per_step
+    assert all(abs(t - 1000) <= 4 * 64 + 64 for t, n in zip(per_step, rows) if n == full), \
+        per_step
     # `ettin-jax eval` sizes the run's batches the same way: the trainer's held-out numbers.
     trained = [r for r in logged if "eval_loss" in r][-1]
     again = evaluate_run(tmp_path / "run")["decoder"]
@@ -126,7 +128,6 @@ def test_training_takes_the_token_budget_per_step(tmp_path, tokenizer_dir):
 
 def test_data_seed_orders_the_documents_and_seed_draws_the_masks(tokenizer_dir):
     from data_pipelines.pipeline import make_batch_iterator
-    from data_pipelines.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     data = DataConfig(sources=(SourceConfig("bundled", kind="bundled", split="heldout"),),

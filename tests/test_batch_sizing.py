@@ -51,10 +51,11 @@ def test_rows_and_tokens_are_exclusive_in_a_section(tmp_path):
     assert recipe.phases[0].train.global_batch_size == 640
     assert recipe.phases[1].train.global_batch_tokens == 2_500_000
     assert recipe.phases[1].train.global_batch_size is None
-    tokens = load_recipe(RECIPES / "tiny.yaml", ["train.global_batch_tokens=8192"])
-    assert (tokens.train.global_batch_size, tokens.phases[0].train.global_batch_tokens) == \
-        (None, 8192)
-    assert tokens.phases[1].train.global_batch_size == 8  # the phase sizes itself in rows
+    rows = load_recipe(RECIPES / "tiny.yaml", ["train.global_batch_size=16",
+                                               "phases.1.train.global_batch_tokens=3000"])
+    assert (rows.train.global_batch_tokens, rows.phases[0].train.global_batch_size) == (None, 16)
+    assert (rows.phases[1].train.global_batch_size,  # the phase sizes itself in tokens
+            rows.phases[1].train.global_batch_tokens) == (None, 3000)
     with pytest.raises(ConfigError, match="both null"):
         load_recipe(None, ["train.global_batch_size=null"])
 

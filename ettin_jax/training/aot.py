@@ -57,9 +57,9 @@ def tpu_memory_report(recipe: Recipe, topology: str) -> dict[str, Any]:
         optimizer = make_optimizer(recipe.optimizer)
         shardings = init_state_shardings(recipe.model, objective, optimizer, mesh)
         state = abstract_state(shardings, recipe.model, objective, optimizer)
-        rows = batch_sharding(mesh)
+        row_sharding = batch_sharding(mesh)
         shape = (rows, train.seq_len)
-        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
+        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=row_sharding)
                  for k in ("input_ids", "segment_ids", "positions", "labels")}
         step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh, seed=0,
                                   microbatch_size=train.microbatch_size,

@@ -50,7 +50,9 @@ def batch_size(train: TrainConfig, *, packing_fill: float | None,
     """The full batch of `train`: global_batch_size rows, or, for a batch sized in tokens,
     global_batch_tokens / (seq_len x packing_fill) rounded to a multiple of the microbatch
     (else of `row_multiple`, e.g. the device count), at least one. `packing_fill` None: not
-    measured, ASSUMED_PACKING_FILL."""
+    measured, ASSUMED_PACKING_FILL. Without microbatches the rows depend on the device count,
+    so a run resumed on another mesh may need other rows (its data state then refuses to
+    load); with train.microbatch_size they do not."""
     fill = ASSUMED_PACKING_FILL if packing_fill is None else packing_fill
     if train.global_batch_tokens is None:
         return BatchSize(train.global_batch_size, fill, packing_fill is not None, train.seq_len)

@@ -98,8 +98,7 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
     """Trains one member through the recipe's phases (one phase when it lists none), each
     until its train.steps or train.tokens, from where `resume_position` says, with the
     member's own phase changes (`Recipe.for_member`). Phases sized in tokens get their rows
-    first (`batch_sizing`). `mesh`: the recipe's mesh (made here when
-    None)."""
+    first (`batch_sizing`). `mesh`: the recipe's mesh (made here when None)."""
     mesh = make_mesh(recipe.mesh) if mesh is None else mesh
     recipe = recipe.for_member(member_of(objective))
     if any(phase.train.global_batch_size is None for phase in recipe.run_phases()):

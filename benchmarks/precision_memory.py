@@ -9,9 +9,9 @@ per chip, for each precision, and the difference.
 
 A job is RECIPE[:PHASE] (default phase: the first). Overrides apply to every recipe, before the
 phase is picked; model.precision is set by the script. The compile is the one `ettin-jax
-describe RECIPE --tpu-topology ...` runs (`ettin_jax.training.aot.tpu_memory_report`: the
+describe RECIPE --tpu-topology ...` runs (`ettin_jax.training.aot.compiled_step_memory`: the
 sharded train step of `ettin_jax.training.step` with abstract state and batch on the recipe's
-mesh), done here to keep every field of the executable's memory analysis.
+mesh), with every field of the executable's memory analysis.
 """
 
 from __future__ import annotations
@@ -24,17 +24,10 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from ettin_jax.config import Recipe, load_recipe  # noqa: E402
-from ettin_jax.training.aot import topology_devices  # noqa: E402
-from ettin_jax.training.batch_sizing import batch_size  # noqa: E402
-from ettin_jax.training.mesh import batch_sharding, make_mesh  # noqa: E402
-from ettin_jax.training.optimizer import make_optimizer  # noqa: E402
+from ettin_jax.config import load_recipe  # noqa: E402
+from ettin_jax.training.aot import compiled_step_memory, step_rows, topology_devices  # noqa: E402
+from ettin_jax.training.mesh import make_mesh  # noqa: E402
 from ettin_jax.training.phases import phase_named  # noqa: E402
-from ettin_jax.training.state import abstract_state, init_state_shardings  # noqa: E402
-from ettin_jax.training.step import sharded_train_step  # noqa: E402
 from provenance import print_provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,31 +42,6 @@ def _libtpu_version() -> str:
         return importlib.metadata.version("libtpu")
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def memory_per_chip(recipe: Recipe, objective: str, devices: list) -> dict[str, int]:
-    """The memory analysis (bytes per chip) of the compiled train step of one member: arguments,
-    outputs, aliased (outputs living in donated arguments), temporaries and their sum
-    `per_chip` = arguments + outputs - aliased + temporaries."""
-    mesh = make_mesh(recipe.mesh, devices)
-    train = recipe.train
-    rows = batch_size(train, packing_fill=None, row_multiple=mesh.size).rows
-    optimizer = make_optimizer(recipe.optimizer)
-    shardings = init_state_shardings(recipe.model, objective, optimizer, mesh)
-    state = abstract_state(shardings, recipe.model, objective, optimizer)
-    batch = {k: jax.ShapeDtypeStruct((rows, train.seq_len), jnp.int32,
-                                     sharding=batch_sharding(mesh))
-             for k in ("input_ids", "segment_ids", "positions", "labels")}
-    step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh, seed=0,
-                              microbatch_size=train.microbatch_size,
-                              mlm_mask_ratio=recipe.data.mlm_mask_ratio)
-    memory = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile() \
-        .memory_analysis()
-    found = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
-             "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
-    found["per_chip"] = (found["arguments"] + found["outputs"] - found["aliased"]
-                         + found["temporaries"])
-    return {k: int(v) for k, v in found.items()}
 
 
 def _job_recipe(job: str, overrides: list[str], precision: str):
@@ -106,13 +74,12 @@ def main() -> None:
                 name, phase, recipe = _job_recipe(job, args.overrides, precision)
                 mesh = make_mesh(recipe.mesh, devices)
                 per_chip_rows = (recipe.train.microbatch_size
-                                 or batch_size(recipe.train, packing_fill=None,
-                                               row_multiple=mesh.size).rows) // mesh.size
+                                 or step_rows(recipe, mesh)) // mesh.size
                 row = (f"| {name} | {phase} | {recipe.train.seq_len} | {per_chip_rows} | "
                        f"{mesh.shape['data']} x {mesh.shape['fsdp']} | {member} | {precision} |")
                 start = time.perf_counter()
                 try:
-                    found = memory_per_chip(recipe, objective, devices)
+                    found = compiled_step_memory(recipe, objective, mesh)
                 except Exception as err:  # XLA reports out-of-memory as a compile error
                     print(f"{row} error: {str(err).splitlines()[0]} | | | | | "
                           f"{time.perf_counter() - start:.0f} |", flush=True)

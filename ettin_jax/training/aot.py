@@ -47,34 +47,49 @@ def tpu_memory_report(recipe: Recipe, topology: str) -> dict[str, Any]:
     "rows"."""
     devices = topology_devices(topology)
     mesh = make_mesh(recipe.mesh, devices)
-    train = recipe.train
-    rows = batch_size(train, packing_fill=None, row_multiple=mesh.size).rows
     generation = topology.split(":")[0]
     report: dict[str, Any] = {"topology": topology, "chips": len(devices),
-                              "mesh": dict(mesh.shape), "rows": rows,
+                              "mesh": dict(mesh.shape), "rows": step_rows(recipe, mesh),
                               "hbm_bytes": HBM_BYTES.get(generation)}
     for member, objective in (("encoder", "mlm"), ("decoder", "clm")):
-        optimizer = make_optimizer(recipe.optimizer)
-        shardings = init_state_shardings(recipe.model, objective, optimizer, mesh)
-        state = abstract_state(shardings, recipe.model, objective, optimizer)
-        row_sharding = batch_sharding(mesh)
-        shape = (rows, train.seq_len)
-        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=row_sharding)
-                 for k in ("input_ids", "segment_ids", "positions", "labels")}
-        step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh, seed=0,
-                                  microbatch_size=train.microbatch_size,
-                                  mlm_mask_ratio=recipe.data.mlm_mask_ratio)
         try:
-            compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+            memory = compiled_step_memory(recipe, objective, mesh)
         except Exception as err:  # XLA reports out-of-memory as a compile error
             report[member] = {"error": str(err).splitlines()[0]}
             continue
-        memory = compiled.memory_analysis()
-        per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                    - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-        report[member] = {"per_chip_bytes": int(per_chip),
-                          "temp_bytes": int(memory.temp_size_in_bytes),
-                          "argument_bytes": int(memory.argument_size_in_bytes)}
+        report[member] = {"per_chip_bytes": memory["per_chip"],
+                          "temp_bytes": memory["temporaries"],
+                          "argument_bytes": memory["arguments"]}
         if report["hbm_bytes"]:
-            report[member]["fits"] = per_chip <= report["hbm_bytes"]
+            report[member]["fits"] = memory["per_chip"] <= report["hbm_bytes"]
     return report
+
+
+def step_rows(recipe: Recipe, mesh) -> int:
+    """Rows of the compiled full batch: train.global_batch_size, or for a batch sized in
+    tokens the rows at the assumed packing fill."""
+    return batch_size(recipe.train, packing_fill=None, row_multiple=mesh.size).rows
+
+
+def compiled_step_memory(recipe: Recipe, objective: str, mesh) -> dict[str, int]:
+    """The memory analysis (bytes per chip) of `objective`'s train step compiled for `mesh`
+    (abstract state and batch, the recipe's microbatches): arguments, outputs, aliased
+    (outputs living in donated arguments), temporaries, and per_chip = arguments + outputs -
+    aliased + temporaries. Raises what the compile raises (XLA reports out-of-memory so)."""
+    train = recipe.train
+    optimizer = make_optimizer(recipe.optimizer)
+    shardings = init_state_shardings(recipe.model, objective, optimizer, mesh)
+    state = abstract_state(shardings, recipe.model, objective, optimizer)
+    batch = {k: jax.ShapeDtypeStruct((step_rows(recipe, mesh), train.seq_len), jnp.int32,
+                                     sharding=batch_sharding(mesh))
+             for k in ("input_ids", "segment_ids", "positions", "labels")}
+    step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh, seed=0,
+                              microbatch_size=train.microbatch_size,
+                              mlm_mask_ratio=recipe.data.mlm_mask_ratio)
+    memory = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile() \
+        .memory_analysis()
+    found = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+             "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
+    found["per_chip"] = (found["arguments"] + found["outputs"] - found["aliased"]
+                         + found["temporaries"])
+    return {k: int(v) for k, v in found.items()}

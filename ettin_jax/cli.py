@@ -119,12 +119,12 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _data_inspect(args: argparse.Namespace) -> int:
     from data_pipelines.inspection import dump_batches, render_row, source_summary
     from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
-    from ettin_jax.training.batch_sizing import phase_batch_sizes, phase_data_seed
+    from ettin_jax.training.batch_sizing import phase_batch_size, phase_data_seed
 
     recipe = load_recipe(args.recipe, args.overrides)
     tokenizer = load_data_tokenizer(recipe.data)
     first = recipe.run_phases()[0]
-    rows = phase_batch_sizes(recipe.phase_recipe(first), tokenizer=tokenizer)[0].rows
+    rows = phase_batch_size(first, 0, tokenizer=tokenizer).rows
     batches = make_batch_iterator(
         first.data, seq_len=first.train.seq_len, global_batch_size=rows,
         seed=first.train.seed, data_seed=phase_data_seed(first.train, 0),

@@ -16,7 +16,7 @@ from data_pipelines.tokenizers import load_tokenizer
 from ettin_jax.config import Recipe, load_recipe, override_recipe
 from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models.config import Objective
-from ettin_jax.training.batch_sizing import phase_batch_size
+from ettin_jax.training.batch_sizing import phase_batch_size, sized_recipe
 from ettin_jax.training.checkpoint import (
     MEMBERS,
     find_members,
@@ -124,8 +124,7 @@ def evaluate_run(run_dir: str | Path, *, batches: int | None = None,
         # A batch sized in tokens takes the rows training took (the same measured fill).
         size = phase_batch_size(settings.run_phases()[0], phases.index(phase),
                                 tokenizer=tokenizer, row_multiple=mesh.size, measure="all")
-        settings = dataclasses.replace(settings, train=dataclasses.replace(
-            settings.train, global_batch_size=size.rows))
+        settings = sized_recipe(settings, [size])
         evaluate = make_evaluator(settings, objective, tokenizer, mesh, sharding,
                                   batches=batches or settings.logging.eval_batches)
         results[member] = {"step": restored.step, "phase": phase.name, **evaluate(params)}

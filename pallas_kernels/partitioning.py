@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import jax
 from jax.sharding import Mesh, PartitionSpec
 
 
@@ -57,3 +58,16 @@ def kernels_sharded_over(sharded_over: ShardedOver | None) -> Iterator[None]:
 def current_sharding() -> ShardedOver | None:
     """The `ShardedOver` of the innermost `kernels_sharded_over` block, or None."""
     return _CURRENT.get()
+
+
+def attention_per_shard(attention: Callable, sharded_over: ShardedOver | None) -> Callable:
+    """`attention`(q, k, v [B, S, H, D], segment_ids [B, S]) -> [B, S, H, D], run by each device
+    on its shard of batch and heads under `sharded_over` (None: the enclosing
+    `kernels_sharded_over` block's; without either, `attention` itself, on whole arrays).
+    `attention` must treat rows and heads independently; it sees the shard's shapes."""
+    sharded_over = sharded_over or current_sharding()
+    if sharded_over is None:
+        return attention
+    heads, rows = sharded_over.spec("batch", None, "heads", None), sharded_over.spec("batch")
+    return jax.shard_map(attention, mesh=sharded_over.mesh,
+                         in_specs=(heads, heads, heads, rows), out_specs=heads, check_vma=False)

@@ -27,7 +27,7 @@ from pallas_kernels.flash_attention import gpu, tpu
 from pallas_kernels.flash_attention.mask import Window, is_visible, visibility_mask
 from pallas_kernels.flash_attention.plan import BlockPlan, make_plan, visit_ranges
 from pallas_kernels.flash_attention.reference import reference_attention
-from pallas_kernels.partitioning import ShardedOver, current_sharding
+from pallas_kernels.partitioning import ShardedOver, attention_per_shard
 
 BACKENDS = ("tpu", "gpu")
 
@@ -97,13 +97,8 @@ def flash_attention(
                        backend, interpret)
     for name in BACKENDS if backend is None else (backend,):  # bad blocks or window: fail now
         _plan(seq_len, options, name)
-    attention = functools.partial(_attention, options=options)
-    sharded_over = sharded_over or current_sharding()
-    if sharded_over is not None:
-        heads, rows = sharded_over.spec("batch", None, "heads", None), sharded_over.spec("batch")
-        attention = jax.shard_map(attention, mesh=sharded_over.mesh,
-                                  in_specs=(heads, heads, heads, rows), out_specs=heads,
-                                  check_vma=False)
+    attention = attention_per_shard(functools.partial(_attention, options=options),
+                                    sharded_over)
     return attention(q, k, v, segment_ids.astype(jnp.int32))
 
 
@@ -127,6 +122,8 @@ def _on_platform(kernels: Callable, options: _Options, *args):
         plan = _plan(args[0].shape[1], options, backend)
         return lambda *arrays: kernels(*arrays, plan, options.scale, backend, interpret)
 
+    if options.backend is not None and options.interpret is not None:
+        return branch("any")(*args)  # nothing left to pick: trace one kernel, not four
     return lax.platform_dependent(*args, tpu=branch("tpu"), cuda=branch("cuda"),
                                   rocm=branch("rocm"), default=branch("cpu"))
 

@@ -34,8 +34,8 @@ def step_flops(preset: str, rows: int, seq: int, mask_ratio: float | None) -> fl
     batch = {key: jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=batch_sharding(mesh))
              for key in ("input_ids", "segment_ids", "positions", "labels")}
     step = sharded_train_step(recipe.model, "mlm", optimizer, shardings, mesh, seed=0,
-                              mlm_mask_ratio=mask_ratio)
-    compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+                              learning_rate=1e-3, mlm_mask_ratio=mask_ratio)
+    compiled = step.lower(state, batch).compile()
     analysis = compiled.cost_analysis()
     return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
 

@@ -38,7 +38,8 @@ def _losses(recipe, objective, mesh, steps=3, microbatch_size=None):
     optimizer = make_optimizer(recipe.optimizer)
     state, shardings = init_state(recipe.model, objective, optimizer, mesh, seed=recipe.train.seed)
     step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh,
-                              seed=recipe.train.seed, microbatch_size=microbatch_size,
+                              seed=recipe.train.seed, learning_rate=2e-3,
+                              microbatch_size=microbatch_size,
                               mlm_mask_ratio=recipe.data.mlm_mask_ratio)
     batches = make_batch_iterator(recipe.data, seq_len=recipe.train.seq_len,
                                   global_batch_size=recipe.train.global_batch_size,
@@ -48,7 +49,7 @@ def _losses(recipe, objective, mesh, steps=3, microbatch_size=None):
     for _ in range(steps):
         batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v)
                  for k, v in next(batches).items()}
-        state, metrics = step(state, batch, 2e-3)
+        state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
         grad_norms.append(float(metrics["grad_norm"]))
     return np.array([losses, grad_norms]), state
@@ -129,8 +130,8 @@ def test_fsdp_gathers_weights_not_activations():
         batch = {key: jax.ShapeDtypeStruct((64, 128), np.int32, sharding=batch_sharding(mesh))
                  for key in ("input_ids", "segment_ids", "positions", "labels")}
         step = sharded_train_step(recipe.model, "clm", optimizer, shardings, mesh,
-                                  seed=0)
-        compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), np.float32)).compile()
+                                  seed=0, learning_rate=1e-3)
+        compiled = step.lower(state, batch).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(make_mesh(MeshConfig(1, 8))) < 1.15 * temp_bytes(make_mesh(MeshConfig(8, 1)))
@@ -144,11 +145,12 @@ def test_non_finite_updates_are_skipped_and_counted():
     params = jax.tree.map(np.array, state.params)
     params["final_norm"]["scale"][0] = np.nan
     state = state.replace(params=jax.device_put(params, shardings.params))
-    step = jax.jit(make_train_step(model_graph(recipe.model, "clm"), optimizer, seed=1))
+    step = jax.jit(make_train_step(model_graph(recipe.model, "clm"), optimizer, seed=1,
+                                   learning_rate=1e-3))
     batch = next(make_batch_iterator(recipe.data, seq_len=64, global_batch_size=8, seed=1,
                                      objective="clm", tokenizer=ByteTokenizer()))
     for expected_streak in (1, 2):
-        state, metrics = step(state, batch, 1e-3)
+        state, metrics = step(state, batch)
         assert float(metrics["finite"]) == 0 and int(metrics["nonfinite_streak"]) == expected_streak
     assert int(state.skipped) == 2 and int(state.step) == 2
     np.testing.assert_array_equal(state.params["head"]["dense"]["kernel"],
@@ -169,9 +171,9 @@ def test_mlm_packing_overflow_skips_the_update_and_stops_the_run(tmp_path, monke
     # All masked tokens fit at ratio 0.3; at 0.05 they cannot.
     for ratio, lost in [(0.3, 0), (0.05, masked - losses_module.capacity_for(8, 64, 0.05))]:
         step = sharded_train_step(recipe.model, "mlm", optimizer, shardings, mesh,
-                                  seed=3, mlm_mask_ratio=ratio)
+                                  seed=3, learning_rate=1e-3, mlm_mask_ratio=ratio)
         before = np.asarray(state.params["head"]["dense"]["kernel"])
-        state, metrics = step(state, batch, 1e-3)
+        state, metrics = step(state, batch)
         assert int(metrics["mlm_overflow"]) == lost > -1
         changed = not np.array_equal(before, state.params["head"]["dense"]["kernel"])
         assert changed == (lost == 0) and int(metrics["skipped"]) == (lost > 0)

@@ -84,10 +84,10 @@ def compiled_step_memory(recipe: Recipe, objective: str, mesh) -> dict[str, int]
                                      sharding=batch_sharding(mesh))
              for k in ("input_ids", "segment_ids", "positions", "labels")}
     step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh, seed=0,
+                              learning_rate=recipe.optimizer.learning_rate,
                               microbatch_size=train.microbatch_size,
                               mlm_mask_ratio=recipe.data.mlm_mask_ratio)
-    memory = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile() \
-        .memory_analysis()
+    memory = step.lower(state, batch).compile().memory_analysis()
     found = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
              "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
     found["per_chip"] = (found["arguments"] + found["outputs"] - found["aliased"]

@@ -36,7 +36,7 @@ from ettin_jax.config.schema import MEMBERS, CheckpointConfig
 from ettin_jax.errors import CheckpointError, ConfigError, MissingCheckpointError, first_line
 from ettin_jax.models import EttinModel, ModelConfig
 from ettin_jax.models.config import OBJECTIVES, Objective, model_differences
-from ettin_jax.training.state import TrainState
+from ettin_jax.training.state import TrainState, placed_token_count
 
 CHECKPOINTS = "checkpoints"
 UNREADABLE = "unreadable-checkpoints"
@@ -340,11 +340,14 @@ class TrainCheckpointer:
             params=ocp.args.StandardRestore(abstract.params),
             train=ocp.args.StandardRestore(counters),
             progress=ocp.args.JsonRestore(), recipe=ocp.args.JsonRestore()))
-        train = restored["train"]
+        train, progress = restored["train"], restored["progress"]
+        tokens = progress.get("phase_tokens", progress["tokens"])
         state = TrainState(step=train["step"], params=restored["params"],
                            opt_state=train["opt_state"], skipped=train["skipped"],
-                           nonfinite_streak=train["nonfinite_streak"])
-        return state, restored["progress"], restored["recipe"]
+                           nonfinite_streak=train["nonfinite_streak"],
+                           phase_tokens=placed_token_count(tokens,
+                                                           abstract.phase_tokens.sharding))
+        return state, progress, restored["recipe"]
 
     def mark_phase_end(self, step: int, phase: str) -> None:
         """Waits for step `step` to be written and marks it as the end of `phase`: it is kept

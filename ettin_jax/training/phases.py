@@ -23,7 +23,7 @@ from ettin_jax.models.describe import describe_pair, training_flops_per_token
 from ettin_jax.training.batch_sizing import estimated_steps, phase_batch_sizes
 from ettin_jax.training.checkpoint import MEMBERS
 from ettin_jax.training.optimizer import make_optimizer
-from ettin_jax.training.state import TrainState, init_state
+from ettin_jax.training.state import TrainState, at_phase_tokens, init_state
 
 
 def phase_named(recipe: Recipe, name: str) -> PhaseConfig:
@@ -74,7 +74,7 @@ def next_phase(recipe: Recipe, position: Position, objective: Objective, mesh) -
         fresh, _ = init_state(phase.model, objective, make_optimizer(phase.optimizer), mesh,
                               seed=phase.train.seed, params=state.params)
         state = fresh.replace(step=state.step)
-    return Position(index, state, tokens=position.tokens)
+    return Position(index, at_phase_tokens(state, 0), tokens=position.tokens)
 
 
 def run_plan(recipe: Recipe, *, only: str | None = None) -> dict[str, Any]:

@@ -11,13 +11,22 @@ a new phase (decay phase: 0.5).
 
 Batch size: from one microbatch, growing linearly in tokens to the global batch at
 `batch_warmup_tokens`, in whole microbatches (each distinct size compiles the step once).
+
+Token count on the device: the train step evaluates the learning rate itself, from a count of
+the phase's real tokens that it carries in the train state (no host round trip per step).
+Phases reach 1.7T tokens, beyond int32, and JAX runs without 64-bit types, so the count is two
+int32 digits in base 2**24 (`token_count`): both convert to float32 exactly, so the float32 the
+schedule sees is the correctly rounded count, the same number the host computes from a Python
+int.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ettin_jax.config.schema import ScheduleConfig, TrainConfig
 
@@ -72,3 +81,34 @@ def batch_size_schedule(train: TrainConfig) -> Callable[[int], int]:
         return micro * min(count, 1 + (count - 1) * int(tokens) // warmup)
 
     return rows
+
+
+_DIGIT_BITS = 24
+_DIGIT = 1 << _DIGIT_BITS
+
+
+def token_count(tokens: int) -> np.ndarray:
+    """The device representation of a token count: int32 [high, low] digits in base 2**24
+    (exact up to 2**55 tokens)."""
+    if tokens < 0:
+        raise ValueError(f"a token count cannot be negative, got {tokens}")
+    return np.array([tokens >> _DIGIT_BITS, tokens & (_DIGIT - 1)], np.int32)
+
+
+def add_tokens(count: jax.Array, tokens: jax.Array) -> jax.Array:
+    """`count` (see `token_count`) plus `tokens` (an int32 scalar below 2**31 - 2**24), with
+    the carry (jit-able)."""
+    low = count[1] + tokens.astype(jnp.int32)
+    return jnp.stack([count[0] + (low >> _DIGIT_BITS), low & (_DIGIT - 1)])
+
+
+def tokens_as_float32(count: jax.Array) -> jax.Array:
+    """The count as float32, correctly rounded: equal to float32(int(count)) (jit-able)."""
+    return (count[0].astype(jnp.float32) * jnp.float32(_DIGIT)
+            + count[1].astype(jnp.float32))
+
+
+def count_value(count) -> int:
+    """The count as a Python int (on the host)."""
+    high, low = (int(v) for v in np.asarray(count))
+    return (high << _DIGIT_BITS) + low

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from ettin_jax.models import EttinModel, ModelConfig
 from ettin_jax.models.config import Objective
 from ettin_jax.training.mesh import parameter_sharding, replicated
+from ettin_jax.training.schedules import token_count
 
 Params = dict[str, Any]  # nnx pure dict of the model's parameters
 
@@ -22,13 +23,16 @@ Params = dict[str, Any]  # nnx pure dict of the model's parameters
 class TrainState:
     """step: updates applied; params: fp32 master weights; opt_state: optax state;
     skipped: updates skipped for a non-finite loss or gradient; nonfinite_streak: of them in a
-    row (reset by a finite step)."""
+    row (reset by a finite step); phase_tokens: real tokens seen in the current phase, from
+    which the step computes its learning rate (`schedules.token_count` form; checkpoints do not
+    store it, their progress record does)."""
 
     step: jax.Array
     params: Params
     opt_state: optax.OptState
     skipped: jax.Array
     nonfinite_streak: jax.Array
+    phase_tokens: jax.Array
 
 
 def model_graph(config: ModelConfig, objective: Objective) -> nnx.GraphDef:
@@ -61,7 +65,7 @@ def state_shardings(optimizer: optax.GradientTransformation, params_sharding: Pa
     )
     scalar = replicated(mesh)
     return TrainState(step=scalar, params=params_sharding, opt_state=opt_sharding,
-                      skipped=scalar, nonfinite_streak=scalar)
+                      skipped=scalar, nonfinite_streak=scalar, phase_tokens=scalar)
 
 
 def _new_state(config: ModelConfig, objective: Objective,
@@ -72,7 +76,7 @@ def _new_state(config: ModelConfig, objective: Objective,
         params = nnx.to_pure_dict(nnx.state(EttinModel(config, objective, rngs=nnx.Rngs(seed))))
     zero = jnp.zeros([], jnp.int32)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params), skipped=zero,
-                      nonfinite_streak=zero)
+                      nonfinite_streak=zero, phase_tokens=jnp.asarray(token_count(0)))
 
 
 def init_state_shardings(config: ModelConfig, objective: Objective,
@@ -106,3 +110,15 @@ def abstract_state(shardings: TrainState, config: ModelConfig, objective: Object
     shapes = jax.eval_shape(lambda: _new_state(config, objective, optimizer, 0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
+
+
+def placed_token_count(tokens: int, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`schedules.token_count(tokens)` as a global array on `sharding` (every process passes
+    the same `tokens`)."""
+    count = token_count(tokens)
+    return jax.make_array_from_callback(count.shape, sharding, lambda index: count[index])
+
+
+def at_phase_tokens(state: TrainState, tokens: int) -> TrainState:
+    """`state` with its phase token count set to `tokens` (a new phase starts at 0)."""
+    return state.replace(phase_tokens=placed_token_count(tokens, state.phase_tokens.sharding))

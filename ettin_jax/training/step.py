@@ -1,4 +1,4 @@
-"""The train step: a pure function (state, batch, learning rate) -> (state, metrics).
+"""The train step: a pure function (state, batch) -> (state, metrics).
 
 The losses (`ettin_jax.training.losses`) are fp32 sums: CLM on every position with a target,
 MLM on the masked positions only. Gradient accumulation scans over microbatches and sums the
@@ -24,16 +24,24 @@ from ettin_jax.models.config import Objective
 from ettin_jax.training.losses import Batch, Sums, loss_sums
 from ettin_jax.training.mesh import batch_sharding, compute_sharding, kernel_sharding
 from ettin_jax.training.optimizer import set_learning_rate
+from ettin_jax.training.schedules import add_tokens, tokens_as_float32
 from ettin_jax.training.state import Params, TrainState, model_graph
 from pallas_kernels.partitioning import ShardedOver, kernels_sharded_over
 
+LearningRate = Callable[[jax.Array], jax.Array] | float
+
 
 def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
-                    seed: int, microbatch_size: int | None = None,
+                    seed: int, learning_rate: LearningRate, microbatch_size: int | None = None,
                     compute_shardings: Params | None = None,
                     mlm_mask_ratio: float | None = None,
                     sharded_over: ShardedOver | None = None) -> Callable:
-    """train_step(state, batch, learning_rate) -> (state, metrics), ready for jax.jit.
+    """train_step(state, batch) -> (state, metrics), ready for jax.jit.
+
+    `learning_rate`: the schedule, lr(phase tokens as float32) -> float32
+    (`schedules.learning_rate_schedule`), evaluated in the step on the state's count of the
+    phase's real tokens before this batch; or a constant. The step adds the batch's real tokens
+    to that count, so the host never has to send a learning rate or read a token count.
 
     A batch of R rows runs as R / microbatch_size microbatches (the layout of
     `data_pipelines.microbatches`; None: one), decided from its static shape, so batch-size
@@ -57,8 +65,13 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
 
         return jax.grad(loss_fn, has_aux=True)(params)
 
-    def train_step(state: TrainState, batch: Batch, learning_rate: jax.Array):
+    schedule = learning_rate if callable(learning_rate) else (
+        lambda tokens: jnp.full((), learning_rate, jnp.float32))
+
+    def train_step(state: TrainState, batch: Batch):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        learning_rate = schedule(tokens_as_float32(state.phase_tokens))
+        real_tokens = jnp.sum(batch["segment_ids"] != 0, dtype=jnp.int32)
         with kernels_sharded_over(sharded_over):
             grads, sums = _accumulate(
                 lambda micro, index: microbatch_grads(state.params, micro,
@@ -82,11 +95,11 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
             opt_state=keep(new_opt_state, opt_state),
             skipped=state.skipped + (~apply).astype(jnp.int32),
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            phase_tokens=add_tokens(state.phase_tokens, real_tokens),
         )
         metrics = {"loss": loss, "accuracy": sums["correct"] / targets,
                    "targets": sums["targets"], "grad_norm": grad_norm,
-                   "learning_rate": jnp.asarray(learning_rate, jnp.float32),
-                   "real_tokens": jnp.sum(batch["segment_ids"] != 0),
+                   "learning_rate": learning_rate, "real_tokens": real_tokens,
                    "finite": finite.astype(jnp.float32), "skipped": new_state.skipped,
                    "nonfinite_streak": new_state.nonfinite_streak}
         if "mlm_overflow" in sums:
@@ -115,19 +128,21 @@ def make_eval_step(graph: nnx.GraphDef, *, microbatch_size: int | None = None,
 
 def sharded_train_step(config: ModelConfig, objective: Objective,
                        optimizer: optax.GradientTransformation, shardings: TrainState,
-                       mesh: Mesh, *, seed: int, microbatch_size: int | None = None,
+                       mesh: Mesh, *, seed: int, learning_rate: LearningRate,
+                       microbatch_size: int | None = None,
                        mlm_mask_ratio: float | None = None) -> Callable:
     """The train step of `objective`'s model under jax.jit with explicit shardings: the state
     stays on `shardings` and is donated, batch rows are split over every device, parameters
     are gathered from their FSDP shards for compute, attention kernels run per shard. An MLM
     head runs on each device's packed masked tokens at `mlm_mask_ratio` (None: on every
-    position). One compile per distinct batch shape."""
+    position). `learning_rate`: as in `make_train_step`. One compile per distinct batch
+    shape."""
     step = make_train_step(model_graph(config, objective), optimizer, seed=seed,
-                           microbatch_size=microbatch_size,
+                           learning_rate=learning_rate, microbatch_size=microbatch_size,
                            compute_shardings=jax.tree.map(compute_sharding, shardings.params),
                            mlm_mask_ratio=mlm_mask_ratio if objective == "mlm" else None,
                            sharded_over=kernel_sharding(mesh))
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), None),
+    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, None), donate_argnums=0)
 
 

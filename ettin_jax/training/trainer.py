@@ -127,12 +127,13 @@ def train_phase(recipe: Recipe, position: Position, objective: Objective, member
     train = phase.train
     optimizer = make_optimizer(phase.optimizer)
     shardings = init_state_shardings(phase.model, objective, optimizer, mesh)
-    step_fn = sharded_train_step(phase.model, objective, optimizer, shardings, mesh,
-                                 seed=train.seed, microbatch_size=train.microbatch_size,
-                                 mlm_mask_ratio=phase.data.mlm_mask_ratio)
-    batches = _PhaseBatches(phase, index, objective, tokenizer, mesh, position.data_state)
     learning_rate = learning_rate_schedule(phase.schedule, peak=phase.optimizer.learning_rate,
                                            total_tokens=schedule_tokens(train))
+    step_fn = sharded_train_step(phase.model, objective, optimizer, shardings, mesh,
+                                 seed=train.seed, learning_rate=learning_rate,
+                                 microbatch_size=train.microbatch_size,
+                                 mlm_mask_ratio=phase.data.mlm_mask_ratio)
+    batches = _PhaseBatches(phase, index, objective, tokenizer, mesh, position.data_state)
     batch_rows = batch_size_schedule(train)
     label = member_dir.name if phase.name == "main" else f"{member_dir.name} {phase.name}"
     log = MetricsLog(member_dir, resume_step=int(position.state.step), desc=label,
@@ -150,7 +151,7 @@ def train_phase(recipe: Recipe, position: Position, objective: Objective, member
         while not phase_done(train, phase_step, phase_tokens):
             rows = batch_rows(phase_tokens)
             batch, data_state = batches.take(rows)
-            state, metrics = step_fn(state, batch, float(learning_rate(phase_tokens)))
+            state, metrics = step_fn(state, batch)
             step, phase_step = step + 1, phase_step + 1
             # Build the next batch while the device computes this step, when its size is
             # already known: batches only grow, so a full batch is followed by full ones.

@@ -10,7 +10,7 @@ DEMO := runs/demo
 # The demo runs on CPU (JAX would otherwise probe for the TPU runtime the `tpu` extra installs).
 DEMO_ENV := JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu}
 
-.PHONY: install lock demo demo-data test clean
+.PHONY: install lock demo demo-data test bench clean
 
 install: $(STAMP)
 
@@ -68,6 +68,12 @@ demo: $(DEMO)/data/manifest.json
 
 test: install
 	$(PY) -m pytest -q
+
+# The accelerator tables of docs/benchmarks.md in under 8 minutes on a GPU or TPU (attention per
+# implementation; ettin-150m and ettin-1b train steps), written into its "Accelerator" section.
+# Without an accelerator: a tiny CPU version of the same code paths, as an example.
+bench: install
+	$(PY) benchmarks/accelerator.py --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,6 +8,7 @@ needs. `ettin-jax describe RECIPE --tpu-topology v5p:4x4x4 --json` reports it pe
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from ettin_jax.config import Recipe
 from ettin_jax.errors import ConfigError
 from ettin_jax.training.batch_sizing import batch_size
+from ettin_jax.training.hlo import collectives, summary
 from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.optimizer import make_optimizer
 from ettin_jax.training.state import abstract_state, init_state_shardings
@@ -40,11 +42,14 @@ def topology_devices(name: str) -> list:
                           f"extra: pip install -e '.[tpu]'") from None
 
 
-def tpu_memory_report(recipe: Recipe, topology: str) -> dict[str, Any]:
+def tpu_memory_report(recipe: Recipe, topology: str,
+                      hlo_dir: str | Path | None = None) -> dict[str, Any]:
     """Per-chip bytes of the compiled train step of each member on `topology`, with the
     recipe's mesh (mesh.data x mesh.fsdp over the topology's chips) and microbatches; a batch
     sized in tokens takes the rows of the assumed packing fill (`batch_sizing`), reported as
-    "rows"."""
+    "rows". With `hlo_dir`, each member's compiled HLO text is written to
+    hlo_dir/encoder.hlo.txt and hlo_dir/decoder.hlo.txt (the directory is created) and its
+    collectives are summarised under "collectives" (`hlo.summary`)."""
     devices = topology_devices(topology)
     mesh = make_mesh(recipe.mesh, devices)
     generation = topology.split(":")[0]
@@ -53,13 +58,19 @@ def tpu_memory_report(recipe: Recipe, topology: str) -> dict[str, Any]:
                               "hbm_bytes": HBM_BYTES.get(generation)}
     for member, objective in (("encoder", "mlm"), ("decoder", "clm")):
         try:
-            memory = compiled_step_memory(recipe, objective, mesh)
+            compiled = compile_step(recipe, objective, mesh)
         except Exception as err:  # XLA reports out-of-memory as a compile error
             report[member] = {"error": str(err).splitlines()[0]}
             continue
+        memory = step_memory(compiled)
         report[member] = {"per_chip_bytes": memory["per_chip"],
                           "temp_bytes": memory["temporaries"],
                           "argument_bytes": memory["arguments"]}
+        if hlo_dir is not None:
+            text = compiled.as_text()
+            Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+            (Path(hlo_dir) / f"{member}.hlo.txt").write_text(text)
+            report[member]["collectives"] = summary(collectives(text))
         if report["hbm_bytes"]:
             report[member]["fits"] = memory["per_chip"] <= report["hbm_bytes"]
     return report
@@ -76,6 +87,13 @@ def compiled_step_memory(recipe: Recipe, objective: str, mesh) -> dict[str, int]
     (abstract state and batch, the recipe's microbatches): arguments, outputs, aliased
     (outputs living in donated arguments), temporaries, and per_chip = arguments + outputs -
     aliased + temporaries. Raises what the compile raises (XLA reports out-of-memory so)."""
+    return step_memory(compile_step(recipe, objective, mesh))
+
+
+def compile_step(recipe: Recipe, objective: str, mesh) -> Any:
+    """`objective`'s train step compiled for `mesh` with abstract state and batch (the
+    recipe's batch rows and microbatches): a jax.stages.Compiled. Raises what the compile
+    raises (XLA reports out-of-memory so)."""
     train = recipe.train
     optimizer = make_optimizer(recipe.optimizer)
     shardings = init_state_shardings(recipe.model, objective, optimizer, mesh)
@@ -87,7 +105,12 @@ def compiled_step_memory(recipe: Recipe, objective: str, mesh) -> dict[str, int]
                               learning_rate=recipe.optimizer.learning_rate,
                               microbatch_size=train.microbatch_size,
                               mlm_mask_ratio=recipe.data.mlm_mask_ratio)
-    memory = step.lower(state, batch).compile().memory_analysis()
+    return step.lower(state, batch).compile()
+
+
+def step_memory(compiled: Any) -> dict[str, int]:
+    """`compiled_step_memory`'s figures of an already compiled step."""
+    memory = compiled.memory_analysis()
     found = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
              "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
     found["per_chip"] = (found["arguments"] + found["outputs"] - found["aliased"]

@@ -3,26 +3,47 @@
 The losses (`ettin_jax.training.losses`) are fp32 sums: CLM on every position with a target,
 MLM on the masked positions only. Gradient accumulation scans over microbatches and sums the
 per-token loss sums, so the update equals the full-batch one. A non-finite loss or gradient
-skips the update (counted). Under FSDP the parameters are gathered whole for compute and their
-gradients scattered back to the shards (see `ettin_jax.training.mesh`); the attention and
-packing kernels run per device shard of the batch (`kernels_sharded_over`).
+skips the update (counted). Dropout draws its masks per row of the step's batch (keys from
+seed, step and the row's index), so they do not depend on the mesh or the microbatch size.
+
+On a mesh (`sharded_train_step`) the gradients are computed per device inside `jax.shard_map`
+over the batch axes (data, fsdp); the optimizer update stays a global-view jit. Per device:
+each parameter's FSDP shard is cast to the dtype the model computes it in (bf16 under
+`model.dtype: bfloat16`; the token embedding in the stream dtype, fp32 under autocast, where
+its lookup is fp32) and all-gathered over `fsdp`; the gradient of that gather is a
+reduce-scatter over `fsdp` in fp32 (a custom VJP), so every microbatch's weight gradients
+arrive as shards and are accumulated sharded over the microbatch loop (a `lax.scan`); after the
+loop one psum over `data` (and over `fsdp` for the replicated norm scales and bias) completes
+them, once per step. The kernels run unsharded inside the body (`kernels_sharded_over(None)`):
+the body already sees one device's rows.
+
+Why shard_map rather than sharding constraints on the global view: measured in the compiled v5p
+program (benchmarks/step_collectives.py, docs/benchmarks.md), XLA's partitioner all-reduced
+every weight gradient at full size inside the microbatch loop under FSDP and sliced it, gathered
+fp32 weights (the cast to bf16 happens after the gather in the model), and under data
+parallelism all-reduced the tied embedding's gradient in every microbatch; which collective
+XLA picks for a constrained cotangent, and whether it moves a reduction out of a loop, are its
+own heuristics, while shard_map states the communication outright (JAX's unreduced shardings
+would express "reduce after the loop" too, but need explicit mesh axes throughout).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines.microbatches import split_microbatches
 from ettin_jax.models import ModelConfig
 from ettin_jax.models.config import Objective
 from ettin_jax.training.losses import Batch, Sums, loss_sums
-from ettin_jax.training.mesh import batch_sharding, compute_sharding, kernel_sharding
+from ettin_jax.training.mesh import BATCH_AXES, batch_sharding
 from ettin_jax.training.optimizer import set_learning_rate
 from ettin_jax.training.schedules import add_tokens, tokens_as_float32
 from ettin_jax.training.state import Params, TrainState, model_graph
@@ -35,7 +56,9 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
                     seed: int, learning_rate: LearningRate, microbatch_size: int | None = None,
                     compute_shardings: Params | None = None,
                     mlm_mask_ratio: float | None = None,
-                    sharded_over: ShardedOver | None = None) -> Callable:
+                    sharded_over: ShardedOver | None = None,
+                    param_shardings: Params | None = None,
+                    gather_dtypes: Params | None = None) -> Callable:
     """train_step(state, batch) -> (state, metrics), ready for jax.jit.
 
     `learning_rate`: the schedule, lr(phase tokens as float32) -> float32
@@ -49,21 +72,37 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
     placed on `compute_shardings` (FSDP: gathered, `mesh.compute_sharding`) while the model
     runs; None leaves placement to XLA. `mlm_mask_ratio`: the MLM head on the packed masked
     tokens (`loss_sums`). `sharded_over`: where the batch lives on the mesh, so that the
-    kernels run per shard. Dropout keys come from (seed, step, microbatch). A step whose loss or
+    kernels run per shard. With `param_shardings` (the parameters' storage NamedShardings on
+    one mesh), the gradients are computed per device under shard_map instead (the module
+    docstring; `compute_shardings` and `sharded_over` are then unused); `gather_dtypes` (a
+    tree like the parameters of dtypes or None) is the dtype each FSDP shard is gathered in
+    (None: its own). Dropout keys come from (seed, step, row of the batch). A step whose loss or
     gradient is not finite, or whose masked tokens overflowed the packing, is not applied.
     metrics: loss (mean over targets), accuracy, targets, grad_norm, learning_rate,
     real_tokens (non-padding tokens of the batch), finite (0/1), mlm_overflow (with a sparse
     head), skipped and nonfinite_streak (the state's counters after the step).
     """
 
-    def microbatch_grads(params, batch, rng):
-        def loss_fn(p):
-            model = nnx.merge(graph, _place(p, compute_shardings))
-            sums = loss_sums(model, batch, deterministic=False, dropout_rng=rng,
-                             mlm_mask_ratio=mlm_mask_ratio)
-            return sums["loss_sum"], sums
+    def microbatch_loss(params, batch, rng):
+        """(loss sum, sums) of one microbatch with whole parameters; dropout keyed by row."""
+        batch = dict(batch)
+        keys = jax.vmap(lambda row: jax.random.fold_in(rng, row))(batch.pop(_ROW))
+        sums = loss_sums(nnx.merge(graph, params), batch, deterministic=False,
+                         dropout_rng=keys, mlm_mask_ratio=mlm_mask_ratio)
+        return sums["loss_sum"], sums
 
-        return jax.grad(loss_fn, has_aux=True)(params)
+    def gradients(params, batch, rng):
+        if param_shardings is not None:
+            return _per_device_gradients(
+                lambda whole, micro: microbatch_loss(whole, micro, rng), params, batch,
+                param_shardings=param_shardings, gather_dtypes=gather_dtypes,
+                microbatch_size=microbatch_size)
+        batch = dict(batch, **{_ROW: jnp.arange(batch["input_ids"].shape[0])})
+        grad = jax.grad(lambda p, micro: microbatch_loss(_place(p, compute_shardings), micro,
+                                                         rng), has_aux=True)
+        with kernels_sharded_over(sharded_over):
+            return _accumulate(lambda micro, index: grad(params, micro), batch,
+                               microbatch_size)
 
     schedule = learning_rate if callable(learning_rate) else (
         lambda tokens: jnp.full((), learning_rate, jnp.float32))
@@ -72,11 +111,7 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
         learning_rate = schedule(tokens_as_float32(state.phase_tokens))
         real_tokens = jnp.sum(batch["segment_ids"] != 0, dtype=jnp.int32)
-        with kernels_sharded_over(sharded_over):
-            grads, sums = _accumulate(
-                lambda micro, index: microbatch_grads(state.params, micro,
-                                                      jax.random.fold_in(rng, index)),
-                batch, microbatch_size)
+        grads, sums = gradients(state.params, batch, rng)
         targets = jnp.maximum(sums["targets"], 1.0)
         grads = jax.tree.map(lambda g: g / targets, grads)
         grad_norm = optax.tree.norm(grads)
@@ -132,18 +167,117 @@ def sharded_train_step(config: ModelConfig, objective: Objective,
                        microbatch_size: int | None = None,
                        mlm_mask_ratio: float | None = None) -> Callable:
     """The train step of `objective`'s model under jax.jit with explicit shardings: the state
-    stays on `shardings` and is donated, batch rows are split over every device, parameters
-    are gathered from their FSDP shards for compute, attention kernels run per shard. An MLM
+    stays on `shardings` and is donated, batch rows are split over every device, gradients are
+    computed per device (shard_map; FSDP shards gathered in the compute dtype, gradients
+    reduce-scattered per microbatch and reduced over `data` once per step). An MLM
     head runs on each device's packed masked tokens at `mlm_mask_ratio` (None: on every
     position). `learning_rate`: as in `make_train_step`. One compile per distinct batch
     shape."""
     step = make_train_step(model_graph(config, objective), optimizer, seed=seed,
                            learning_rate=learning_rate, microbatch_size=microbatch_size,
-                           compute_shardings=jax.tree.map(compute_sharding, shardings.params),
                            mlm_mask_ratio=mlm_mask_ratio if objective == "mlm" else None,
-                           sharded_over=kernel_sharding(mesh))
+                           param_shardings=shardings.params,
+                           gather_dtypes=gather_dtypes(config, shardings.params))
     return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, None), donate_argnums=0)
+
+
+def gather_dtypes(config: ModelConfig, params: Params) -> Params:
+    """The dtype each parameter of a tree like `params` is gathered in for compute: the token
+    embedding in config.stream_dtype (its lookup runs in that dtype; the tied projection casts
+    it itself), every other weight matrix in config.dtype, vectors (norm scales, bias; never
+    sharded) None (as stored)."""
+    def dtype(path, leaf):
+        names = [str(getattr(entry, "key", entry)) for entry in path]
+        if "tok_embeddings" in names:
+            return jnp.dtype(config.stream_dtype)
+        return jnp.dtype(config.dtype) if len(_shape(leaf)) >= 2 else None
+
+    return jax.tree_util.tree_map_with_path(dtype, params)
+
+
+def _shape(leaf) -> tuple[int, ...]:
+    return tuple(getattr(leaf, "shape", ()) or ())
+
+
+_ROW = "__row__"  # the batch-row index of every row, carried through the microbatch split
+
+
+def _fsdp_axis(spec: PartitionSpec) -> int | None:
+    for axis, entry in enumerate(spec):
+        if entry == "fsdp" or (isinstance(entry, tuple) and "fsdp" in entry):
+            return axis
+    return None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather(shard: jax.Array, axis: int, dtype) -> jax.Array:
+    """The whole parameter from its `fsdp` shards (inside shard_map), gathered in `dtype`."""
+    return jax.lax.all_gather(shard.astype(dtype), "fsdp", axis=axis, tiled=True)
+
+
+def _gather_fwd(shard, axis, dtype):
+    return _gather(shard, axis, dtype), jnp.zeros((0,), shard.dtype)
+
+
+def _gather_bwd(axis, dtype, empty, g):
+    # The gradient's reduction over fsdp stays in the shard's dtype (fp32): only the
+    # weights travel in the compute dtype.
+    return (jax.lax.psum_scatter(g.astype(empty.dtype), "fsdp", scatter_dimension=axis,
+                                 tiled=True),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def _per_device_gradients(loss: Callable, params: Params, batch: Batch, *,
+                          param_shardings: Params, gather_dtypes: Params | None,
+                          microbatch_size: int | None):
+    """(gradient sums on the parameters' storage shardings, loss sums) of the whole batch:
+    the gradient of loss(whole parameters, microbatch) -> (loss, sums) per device under
+    shard_map, accumulated over the device's microbatches, then reduced over the devices."""
+    leaves = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    mesh = leaves[0].mesh
+    specs = jax.tree.map(lambda s: s.spec, param_shardings,
+                         is_leaf=lambda x: isinstance(x, NamedSharding))
+    if gather_dtypes is None:
+        gather_dtypes = jax.tree.map(lambda _: None, specs,
+                                     is_leaf=lambda x: isinstance(x, PartitionSpec))
+    devices = mesh.size
+    rows = batch["input_ids"].shape[0]
+    if rows % devices or (microbatch_size and microbatch_size % devices):
+        raise ValueError(f"batch rows {rows} and train.microbatch_size={microbatch_size} must "
+                         f"split evenly over the {devices} devices of the mesh")
+    local_microbatch = microbatch_size // devices if microbatch_size else None
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+
+    def place(shards):
+        def whole(shard, spec, dtype):
+            axis = _fsdp_axis(spec)
+            return shard if axis is None else _gather(shard, axis, dtype or shard.dtype)
+
+        return jax.tree.map(whole, shards, specs, gather_dtypes, is_leaf=is_spec)
+
+    def reduce(grad, spec):
+        axes = tuple(a for a in BATCH_AXES if a != "fsdp" or _fsdp_axis(spec) is None)
+        return jax.lax.psum(grad, axes)
+
+    def body(shards, local):
+        local_rows = local["input_ids"].shape[0]
+        first = jax.lax.axis_index(BATCH_AXES) * local_rows
+        local = dict(local, **{_ROW: first + jnp.arange(local_rows)})
+
+        def micro(batch, index):
+            return jax.grad(lambda p: loss(place(p), batch), has_aux=True)(shards)
+
+        with kernels_sharded_over(None):  # the body holds one device's rows already
+            grads, sums = _accumulate(micro, local, local_microbatch, keep_in_loop=True)
+        grads = jax.tree.map(lambda g, spec: reduce(g, spec), grads, specs,
+                             is_leaf=lambda x: x is None or is_spec(x))
+        return grads, jax.lax.psum(sums, BATCH_AXES)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(specs, PartitionSpec(BATCH_AXES)),
+                         out_specs=(specs, PartitionSpec()), check_vma=False)(params, batch)
 
 
 def _place(params: Params, shardings: Params | None) -> Params:
@@ -151,9 +285,12 @@ def _place(params: Params, shardings: Params | None) -> Params:
 
 
 def _accumulate(run: Callable[[Batch, jax.Array], object], batch: Batch,
-                microbatch_size: int | None):
+                microbatch_size: int | None, *, keep_in_loop: bool = False):
     """Sum of run(microbatch, index) over the batch's microbatches (a scan; one call when
-    the batch is a single microbatch)."""
+    the batch is a single microbatch). `keep_in_loop`: the running sum passes an optimization
+    barrier each step, so XLA cannot move reductions of run's results out of the loop (its
+    while-loop code motion would otherwise accumulate full-size unreduced gradients and
+    reduce-scatter them once, at the cost of a full-size fp32 buffer per chip)."""
     rows = batch["input_ids"].shape[0]
     count = rows // microbatch_size if microbatch_size else 1
     if microbatch_size and rows % microbatch_size:
@@ -167,7 +304,8 @@ def _accumulate(run: Callable[[Batch, jax.Array], object], batch: Batch,
 
     def add(carry, inputs):
         index, micro = inputs
-        return jax.tree.map(jnp.add, carry, run(micro, index)), None
+        total = jax.tree.map(jnp.add, carry, run(micro, index))
+        return (jax.lax.optimization_barrier(total) if keep_in_loop else total), None
 
     total, _ = jax.lax.scan(add, zeros, (jnp.arange(count), split))
     return total

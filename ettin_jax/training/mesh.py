@@ -4,9 +4,10 @@ Mesh axes: `data` (replicas) and `fsdp` (parameter and optimizer-state shards); 
 would be one more entry in MESH_AXES and RULES. The batch is split over both axes. Parameters are
 replicated over `data` and, under FSDP, stored split along their `embed` dimension (every weight
 matrix has one; norm scales and the decoder bias are small and stay replicated). For compute,
-each weight is gathered whole (`compute_sharding`) and its gradient scattered back: left to
-itself, XLA's partitioner may instead gather the activations of the whole batch onto every
-device, which costs memory proportional to the device count.
+each weight is gathered whole and its gradient scattered back: the train step does it per
+device under shard_map (`ettin_jax.training.step`), evaluation through `compute_sharding`
+constraints. Left to itself, XLA's partitioner may instead gather the activations of the whole
+batch onto every device, which costs memory proportional to the device count.
 """
 
 from __future__ import annotations

@@ -102,3 +102,52 @@ def _merge(a: Any, b: Any, key: str) -> Any:
     if a != b:
         raise ValueError(f"processes disagree on {key or 'the value'}: {a!r} vs {b!r}")
     return a
+
+
+class HostSum:
+    """Sums of a host integer over the processes, exchanged through the coordination service's
+    key-value store (`jax.distributed`): host to host, no device collective, so it may run on
+    any thread while the devices compute. Every process makes the same calls in the same order
+    from one thread, each call with its own value; `prefix` names the sequence and must be
+    unique in the job. One process: the value itself, nothing exchanged."""
+
+    def __init__(self, prefix: str, *, timeout_s: float = 600.0):
+        self._prefix = prefix
+        self._calls = 0
+        self._timeout_s = timeout_s
+
+    def __call__(self, value: int, *, stop: Any = None) -> int:
+        """The sum of every process's `value` for this call. Waits for the other processes
+        (up to timeout_s, then RuntimeError naming the process); `stop` (a threading.Event)
+        set while waiting raises InterruptedError."""
+        import jax
+
+        if jax.process_count() == 1:
+            return value
+        import time
+
+        from orbax.checkpoint import multihost
+
+        client = multihost.get_jax_distributed_client()
+        call, me = self._calls, jax.process_index()
+        self._calls += 1
+        client.key_value_set(f"{self._prefix}/{call}/{me}", str(int(value)))
+        total = 0
+        deadline = time.monotonic() + self._timeout_s
+        for process in range(jax.process_count()):
+            key = f"{self._prefix}/{call}/{process}"
+            while True:
+                try:
+                    total += int(client.blocking_key_value_get(key, 200))
+                    break
+                except Exception as error:  # noqa: BLE001 - the client's timeout error type
+                    if stop is not None and stop.is_set():
+                        raise InterruptedError(f"stopped while waiting for {key}") from error
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"process {process} did not send {key} within "
+                                           f"{self._timeout_s:.0f} s") from error
+        # Every process has now finished the previous call (it sent this one after it), so
+        # nobody reads our key of that call any more.
+        if call:
+            client.key_value_delete(f"{self._prefix}/{call - 1}/{me}")
+        return total

@@ -4,9 +4,10 @@
 
 Each member resumes where its checkpoints say (`ettin_jax.training.resume`), so the losses
 after a crash or kill are the ones an uninterrupted run would give. A phase is a short set-up
-and a loop: take a batch, run the step, hand the step to the hooks (`hooks.py`: evaluation,
-metrics, progress, checkpoints). SIGTERM (preemption) stops at the next step boundary after
-saving.
+and a loop: take a batch (made ahead on a thread, `batches.py`), run the step, hand the step to
+the hooks (`hooks.py`: evaluation, metrics, progress, checkpoints). Between the steps where the
+run looks at its metrics the host never waits for the device (`train_phase`). SIGTERM
+(preemption) stops at the next step boundary after saving.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
-from data_pipelines.microbatches import MicrobatchQueue
-from data_pipelines.pipeline import load_data_tokenizer, make_batch_iterator
+from data_pipelines.pipeline import load_data_tokenizer
 from ettin_jax.config import PhaseConfig, Recipe, member_of, recipe_to_dict
 from ettin_jax.models.config import Objective
 from ettin_jax.models.describe import training_flops_per_token
-from ettin_jax.training.batch_sizing import phase_batch_sizes, phase_data_seed, sized_recipe
+from ettin_jax.training.batch_sizing import phase_batch_sizes, sized_recipe
+from ettin_jax.training.batches import PhaseBatches
 from ettin_jax.training.checkpoint import MEMBERS, TOKENIZER, TrainCheckpointer, checkpoint_meta
 from ettin_jax.training.distributed import tell_user
 from ettin_jax.training.evaluation import make_evaluator
@@ -36,18 +37,14 @@ from ettin_jax.training.hooks import (
     log_metrics,
     save_checkpoint,
 )
-from ettin_jax.training.mesh import batch_sharding, make_mesh
+from ettin_jax.training.mesh import make_mesh
 from ettin_jax.training.metrics import MetricsLog, peak_flops, read_metrics
 from ettin_jax.training.optimizer import make_optimizer
-from ettin_jax.training.phases import Position, next_phase, phase_done, recipe_members
+from ettin_jax.training.phases import Position, next_phase, recipe_members
 from ettin_jax.training.preflight import check_recipe_inputs, evaluates
 from ettin_jax.training.resume import resume_position
 from ettin_jax.training.run_dir import claim_run_dir
-from ettin_jax.training.schedules import (
-    batch_size_schedule,
-    learning_rate_schedule,
-    schedule_tokens,
-)
+from ettin_jax.training.schedules import learning_rate_schedule, schedule_tokens
 from ettin_jax.training.state import init_state_shardings
 from ettin_jax.training.step import sharded_train_step
 
@@ -106,9 +103,11 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
     if jax.process_index() == 0 and not (member_dir / TOKENIZER).is_dir():
         tokenizer.save(member_dir / TOKENIZER)
     with TrainCheckpointer(member_dir, recipe.checkpoint) as checkpoints:
-        position = resume_position(recipe, objective, mesh, checkpoints)
+        with jax.transfer_guard("allow"):  # restoring (the steps themselves never wait)
+            position = resume_position(recipe, objective, mesh, checkpoints)
+            step = int(position.state.step)
         logged = read_metrics(member_dir)  # a finished run reports its last logged loss
-        result = MemberResult(member_dir.name, int(position.state.step), position.tokens,
+        result = MemberResult(member_dir.name, step, position.tokens,
                               logged[-1]["loss"] if logged else None)
         while position.phase < len(recipe.run_phases()) and not result.stopped:
             position, result = train_phase(recipe, position, objective, member_dir, mesh,
@@ -121,61 +120,81 @@ def train_phase(recipe: Recipe, position: Position, objective: Objective, member
                 mesh, checkpoints: TrainCheckpointer, *, tokenizer,
                 preemption: _Preemption | None = None) -> tuple[Position, MemberResult]:
     """Runs phase `position.phase` from `position` to its end (-> the next phase's start) or
-    until it stops early (preemption, divergence)."""
+    until it stops early (preemption, divergence).
+
+    The host never waits for the device between steps: batches are made ahead on a thread
+    (`batches.PhaseBatches`, which also counts their tokens), the step computes its own
+    learning rate, and the step's metrics stay on the device until the run looks at them:
+    every logging.every_steps steps, when a hook that reads the device is due (evaluation,
+    checkpoint), and at the phase's last step. A look reads every step's metrics since the
+    previous look, so an MLM packing overflow or a run of non-finite updates between looks is
+    still caught (the run stops at the look; skipped updates changed nothing meanwhile).
+    """
     index = position.phase
     phase = recipe.run_phases()[index]
     train = phase.train
-    optimizer = make_optimizer(phase.optimizer)
-    shardings = init_state_shardings(phase.model, objective, optimizer, mesh)
-    learning_rate = learning_rate_schedule(phase.schedule, peak=phase.optimizer.learning_rate,
-                                           total_tokens=schedule_tokens(train))
-    step_fn = sharded_train_step(phase.model, objective, optimizer, shardings, mesh,
-                                 seed=train.seed, learning_rate=learning_rate,
-                                 microbatch_size=train.microbatch_size,
-                                 mlm_mask_ratio=phase.data.mlm_mask_ratio)
-    batches = _PhaseBatches(phase, index, objective, tokenizer, mesh, position.data_state)
-    batch_rows = batch_size_schedule(train)
-    label = member_dir.name if phase.name == "main" else f"{member_dir.name} {phase.name}"
-    log = MetricsLog(member_dir, resume_step=int(position.state.step), desc=label,
-                     progress=(train.steps, position.phase_step) if train.steps
-                     else (train.tokens, position.phase_tokens),
-                     enabled=jax.process_index() == 0, tensorboard=recipe.logging.tensorboard)
-    hooks = _phase_hooks(recipe, phase, index, objective, mesh, shardings, checkpoints, log,
-                         tokenizer)
-
-    state, step, phase_step = position.state, int(position.state.step), position.phase_step
-    tokens, phase_tokens = position.tokens, position.phase_tokens
-    info = None
-    last_time = time.perf_counter()
+    with jax.transfer_guard("allow"):  # set-up: compiling, initial values, the evaluator
+        optimizer = make_optimizer(phase.optimizer)
+        shardings = init_state_shardings(phase.model, objective, optimizer, mesh)
+        learning_rate = learning_rate_schedule(phase.schedule,
+                                               peak=phase.optimizer.learning_rate,
+                                               total_tokens=schedule_tokens(train))
+        step_fn = sharded_train_step(phase.model, objective, optimizer, shardings, mesh,
+                                     seed=train.seed, learning_rate=learning_rate,
+                                     microbatch_size=train.microbatch_size,
+                                     mlm_mask_ratio=phase.data.mlm_mask_ratio)
+        label = member_dir.name if phase.name == "main" else f"{member_dir.name} {phase.name}"
+        state, step = position.state, int(position.state.step)
+        log = MetricsLog(member_dir, resume_step=step, desc=label,
+                         progress=(train.steps, position.phase_step) if train.steps
+                         else (train.tokens, position.phase_tokens),
+                         enabled=jax.process_index() == 0,
+                         tensorboard=recipe.logging.tensorboard)
+        hooks = _phase_hooks(recipe, phase, index, objective, mesh, shardings, checkpoints,
+                             log, tokenizer)
+    tokens = position.tokens
+    info, pending = None, []
+    looked = (time.perf_counter(), step, tokens)  # when, at which step and token count
     try:
-        while not phase_done(train, phase_step, phase_tokens):
-            rows = batch_rows(phase_tokens)
-            batch, data_state = batches.take(rows)
-            state, metrics = step_fn(state, batch)
-            step, phase_step = step + 1, phase_step + 1
-            # Build the next batch while the device computes this step, when its size is
-            # already known: batches only grow, so a full batch is followed by full ones.
-            if rows == train.global_batch_size and phase_step != train.steps:
-                batches.prefetch(rows)
-            metrics = jax.device_get(metrics)
-            tokens += int(metrics["real_tokens"])
-            phase_tokens += int(metrics["real_tokens"])
-            now = time.perf_counter()
-            info = StepInfo(step, phase_step, tokens, phase_tokens, state, metrics, rows,
-                            now - last_time, data_state,
-                            last=phase_done(train, phase_step, phase_tokens))
-            last_time = now
-            info.stopped, info.failed = _stop_reason(info, phase, preemption)
-            hooks.run(info)
-            if info.stopped:
-                break
+        with PhaseBatches(phase, index, objective, tokenizer, mesh,
+                          phase_step=position.phase_step, phase_tokens=position.phase_tokens,
+                          data_state=position.data_state, label=member_dir.name) as batches:
+            for batch in batches:
+                state, device_metrics = step_fn(state, batch.arrays)
+                pending.append(device_metrics)
+                step, tokens = step + 1, tokens + batch.tokens
+                info = StepInfo(step, batch.phase_step, tokens, batch.phase_tokens, state,
+                                None, batch.rows, batch.tokens, 0.0, 0, 0, batch.data_state,
+                                last=batch.last)
+                info.stopped = _preempted(info, preemption)
+                if (info.stopped or info.last or hooks.waits_after(info)
+                        or step % recipe.logging.every_steps == 0):
+                    with jax.transfer_guard("allow"):
+                        looked_at = jax.device_get(pending)
+                    pending = []
+                    now = time.perf_counter()
+                    info.metrics = looked_at[-1]
+                    info.seconds = now - looked[0]
+                    info.interval_steps, info.interval_tokens = step - looked[1], \
+                        tokens - looked[2]
+                    looked = (now, step, tokens)
+                    failure = _failure(looked_at, step, phase)
+                    if failure:
+                        info.stopped, info.failed = failure, True
+                hooks.run(info)
+                if info.stopped:
+                    break
     finally:
         log.close()
     loss = float(info.metrics["loss"]) if info is not None else None
     result = MemberResult(member_dir.name, step, tokens, loss,
                           info.stopped if info else None, info.failed if info else False)
-    here = Position(index, state, phase_step, phase_tokens, tokens)
-    return (here if result.stopped else next_phase(recipe, here, objective, mesh)), result
+    here = Position(index, state, info.phase_step if info else position.phase_step,
+                    info.phase_tokens if info else position.phase_tokens, tokens)
+    if result.stopped:
+        return here, result
+    with jax.transfer_guard("allow"):
+        return next_phase(recipe, here, objective, mesh), result
 
 
 def _sized(recipe: Recipe, tokenizer, mesh) -> Recipe:
@@ -200,78 +219,48 @@ def _phase_hooks(recipe: Recipe, phase: PhaseConfig, index: int, objective: Obje
     if evaluates(recipe, phase):
         evaluate = make_evaluator(recipe.phase_recipe(phase), objective, tokenizer, mesh,
                                   shardings.params, batches=logging.eval_batches)
-        hooks.every(logging.eval_every_steps, evaluate_heldout(evaluate))
+        hooks.every(logging.eval_every_steps, evaluate_heldout(evaluate), waits=True)
     flops = training_flops_per_token(phase.model, objective, seq_len=phase.train.seq_len,
                                      mlm_mask_ratio=phase.data.mlm_mask_ratio)["total"]
     hooks.every(logging.every_steps,
                 log_metrics(log, phase=phase.name, flops_per_token=flops,
                             peak_flops=peak_flops(jax.devices()[0].device_kind),
                             devices=mesh.size),
-                also=lambda info: bool(info.extra))
+                also=lambda info: bool(info.extra), waits=True)
     hooks.every(1, advance_progress(log, by_tokens=not phase.train.steps))
     hooks.every(recipe.checkpoint.every_steps,
                 save_checkpoint(checkpoints, phase_index=index, phase=phase.name,
                                 meta=checkpoint_meta(phase.model, objective,
                                                      tokenizer.special_tokens),
                                 recipe=recipe_to_dict(recipe)),
-                also=lambda info: info.stopped)
+                also=lambda info: info.stopped, waits=True)
     return hooks
 
 
-def _stop_reason(info: StepInfo, phase: PhaseConfig,
-                 preemption: _Preemption | None) -> tuple[str | None, bool]:
-    """(why the run stops after this step or None, whether that is a training failure).
-    Asks the preemption notice at every step, on every process."""
-    metrics, train = info.metrics, phase.train
-    preempted = preemption is not None and preemption.reached(info.step)
-    if metrics.get("mlm_overflow", 0) > 0:
-        return (f"stopped at step {info.step}: {int(metrics['mlm_overflow'])} masked tokens did "
-                f"not fit the MLM head's packing capacity for data.mlm_mask_ratio="
-                f"{phase.data.mlm_mask_ratio} (update skipped): the data masks far more tokens "
-                f"than its ratio, beyond the capacity's margin for random (bernoulli) "
-                f"masking"), True
-    if int(metrics["nonfinite_streak"]) >= train.max_nonfinite_steps:
-        return (f"stopped at step {info.step}: {train.max_nonfinite_steps} updates in a row "
-                f"had a non-finite loss or gradient (skipped)"), True
-    if preempted:
-        return f"preempted (SIGTERM) at step {info.step}", False
-    return None, False
+def _preempted(info: StepInfo, preemption: _Preemption | None) -> str | None:
+    """Why the run stops after this step for a preemption notice, or None. Asks the notice at
+    every step, on every process (host values only)."""
+    if preemption is not None and preemption.reached(info.step):
+        return f"preempted (SIGTERM) at step {info.step}"
+    return None
 
 
-class _PhaseBatches:
-    """The batches of a phase on this process: the same rows for both members; this process
-    builds its own rows only; each phase its own stream (seed + phase index: a phase reading
-    its predecessor's sources does not replay them). Full batches are cut into the growing
-    batches of batch-size warmup by whole microbatches."""
-
-    def __init__(self, phase: PhaseConfig, index: int, objective: Objective, tokenizer, mesh,
-                 data_state: dict | None):
-        train = phase.train
-        stream = make_batch_iterator(
-            phase.data, seq_len=train.seq_len, global_batch_size=train.global_batch_size,
-            seed=train.seed + index, data_seed=phase_data_seed(train, index),
-            objective=objective, tokenizer=tokenizer,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        self._microbatch = train.microbatch_size or train.global_batch_size
-        self._queue = MicrobatchQueue(stream, train.global_batch_size // self._microbatch)
-        if data_state is not None:
-            self._queue.set_state(data_state)
-        self._rows = batch_sharding(mesh)
-        self._upcoming = None
-
-    def take(self, global_rows: int):
-        """The next batch of `global_rows` rows (global arrays) and the data state just after
-        it: what a checkpoint of the step that consumes it stores."""
-        if self._upcoming is not None:
-            upcoming, self._upcoming = self._upcoming, None
-            return upcoming
-        local = self._queue.take(global_rows // self._microbatch)
-        return ({k: jax.make_array_from_process_local_data(self._rows, v)
-                 for k, v in local.items()}, self._queue.get_state())
-
-    def prefetch(self, global_rows: int) -> None:
-        """Builds the next batch now (while the device computes), for `take`."""
-        self._upcoming = self.take(global_rows)
+def _failure(metrics: list[dict], step: int, phase: PhaseConfig) -> str | None:
+    """Why the run stops after `step` for a training failure seen in the metrics of the
+    steps up to it since the previous look (host numbers, in order), or None."""
+    first = step - len(metrics) + 1
+    for offset, record in enumerate(metrics):
+        if record.get("mlm_overflow", 0) > 0:
+            return (f"stopped at step {step}: {int(record['mlm_overflow'])} masked tokens of "
+                    f"step {first + offset} did not fit the MLM head's packing capacity for "
+                    f"data.mlm_mask_ratio={phase.data.mlm_mask_ratio} (update skipped): the data "
+                    f"masks far more tokens than its ratio, beyond the capacity's margin for "
+                    f"random (bernoulli) masking")
+    limit = phase.train.max_nonfinite_steps
+    if max(int(record["nonfinite_streak"]) for record in metrics) >= limit:
+        return (f"stopped at step {step}: {limit} updates in a row had a non-finite loss or "
+                f"gradient (skipped)")
+    return None
 
 
 class _Preemption:

@@ -42,7 +42,7 @@ from pallas_kernels.partitioning import ShardedOver, attention_per_shard
 DEFAULT_BLOCKS = {"global": 512, "local": 128}
 _TILE = 128  # the TPU lane width: every splash block is a multiple of it
 
-__all__ = ["DEFAULT_BLOCKS", "block_size", "splash_attention"]
+__all__ = ["DEFAULT_BLOCKS", "block_size", "make_mask", "splash_attention"]
 
 
 def block_size(seq_len: int, *, local: bool, block: int | None = None) -> int:
@@ -100,8 +100,14 @@ def splash_attention(
     return attention_per_shard(attention, sharded_over)(q, k, v, segment_ids.astype(jnp.int32))
 
 
-def _mask(seq_len: int, heads: int, causal: bool, window: Window | None) -> splash.MultiHeadMask:
+def make_mask(seq_len: int, heads: int, *, causal: bool,
+              window: Window | None) -> splash.MultiHeadMask:
+    """Splash's static mask of `heads` alike heads over `seq_len` queries and keys: global
+    (`FullMask`), causal (`CausalMask`) or a local window (left, right) (`LocalMask`, right
+    taken as 0 when causal). Segments are not part of it (splash takes them as `SegmentIds`)."""
     shape = (seq_len, seq_len)
+    if window is not None and causal:
+        window = (window[0], 0)
     if window is not None:
         one = splash.LocalMask(shape, window, offset=0)
     else:
@@ -123,7 +129,7 @@ def _attention(q, k, v, segment_ids, *, causal, window, padded_len, block, scale
 
     def run(interpret: bool):
         kernel = splash.make_splash_mha(
-            _mask(padded_len, heads, causal, window),
+            make_mask(padded_len, heads, causal=causal, window=window),
             block_sizes=splash.BlockSizes(*(block,) * 2, block_q_dkv=block, block_kv_dkv=block,
                                           block_q_dq=block, block_kv_dq=block),
             head_shards=1, q_seq_shards=1, interpret=interpret)

@@ -103,3 +103,56 @@ def test_runs_per_shard_under_a_sharded_jit():
     assert float(value) == pytest.approx(float(expected), rel=1e-5)
     for grad, ref in zip(grads, expected_grads):
         assert grad.sharding.spec == heads.spec and _relative_error(grad, ref) <= 1e-4
+
+
+# attention_impl "auto" (ettin_jax.models.attention.AUTO); on TPU: test_tpu_aot.py.
+
+def test_auto_is_xla_on_cpu_bit_for_bit(rng):
+    """On CPU "auto" lowers to the XLA implementation: the same loss and gradients, bit for bit,
+    for a causal local window over packed rows with padding."""
+    from ettin_jax.models.attention import dot_product_attention
+
+    seq = int(rng.integers(30, 60))
+    q, k, v = random_inputs(rng, 3, seq, 2, 64)
+    segments = jnp.asarray(random_segments(rng, 3, seq))
+
+    def loss(q, k, v, impl):
+        out = dot_product_attention(q, k, v, segments, causal=True, window=(7, 0), impl=impl)
+        return jnp.sum(out * q)
+
+    step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)), static_argnums=3)
+    (value, grads), (ref_value, ref_grads) = step(q, k, v, "auto"), step(q, k, v, "xla")
+    assert float(value) == float(ref_value)
+    for grad, ref in zip(grads, ref_grads):
+        assert np.array_equal(np.asarray(grad), np.asarray(ref))
+
+
+def test_auto_model_logits_equal_xla_on_cpu(rng):
+    """A model with attention_impl "auto" computes the "xla" model's logits exactly on CPU."""
+    from conftest import randomized_model, run_logits, small_config
+
+    ids = jnp.asarray(rng.integers(5, 1024, size=(2, 24)), jnp.int32)
+    segments = jnp.asarray(np.repeat([[1] * 10 + [2] * 10 + [0] * 4], 2, 0), jnp.int32)
+    logits = [run_logits(randomized_model(small_config(attention_impl=impl, local_attention=8),
+                                          "clm", seed=3), ids, segments)
+              for impl in ("auto", "xla")]
+    assert np.array_equal(np.asarray(logits[0]), np.asarray(logits[1]))
+
+
+def test_auto_lowers_to_the_triton_kernels_for_a_gpu():
+    """Lowered for CUDA (no GPU needed), "auto" is our flash attention's Triton kernels:
+    forward, dq and dk/dv, and no other branch."""
+    from ettin_jax.models.attention import dot_product_attention
+
+    args = [jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.bfloat16) for _ in range(3)]
+    segments = jnp.ones((1, 300), jnp.int32)
+
+    def loss(q, k, v):
+        out = dot_product_attention(q, k, v, segments, causal=False, window=(64, 64),
+                                    impl="auto")
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 3
+    assert "tpu_custom_call" not in text

@@ -9,12 +9,20 @@ Local windows follow HuggingFace so that exported models reproduce our logits:
   encoder (bidirectional): |i - j| <= local_attention // 2          -> (w, w),     w = L // 2
   decoder (causal):        the w most recent keys, itself included  -> (w - 1, 0)
 Ettin's flash-attn training used (w, 0) for the decoder, one key more; we pick HF's.
+
+Implementations (`ModelConfig.attention_impl`): "xla" (dense, `reference_attention`), "pallas"
+(our flash-attention kernels, `pallas_kernels.flash_attention`), "splash" (JAX's TPU splash
+kernels, `pallas_kernels.splash`), "cudnn" (jax.nn.dot_product_attention on a CUDA GPU), and
+"auto": the implementation of `AUTO` for the platform the step is lowered for.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ettin_jax.errors import did_you_mean
 from pallas_kernels.flash_attention import (
@@ -25,10 +33,25 @@ from pallas_kernels.flash_attention import (
     visibility_mask,
 )
 from pallas_kernels.flash_attention.reference import masked_attention
+from pallas_kernels.splash import splash_attention
 
-IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "cudnn")
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "cudnn", "splash", "auto")
 
-__all__ = ["IMPLEMENTATIONS", "Window", "cached_attention", "dot_product_attention",
+# What "auto" runs on each platform the step may be lowered for (the one home of this choice):
+#   tpu:  our Pallas kernels (Mosaic), by the evidence of docs/benchmarks.md ("Attention
+#         kernels compiled for TPU v5p"): ours and splash both compile to three Mosaic calls
+#         in O(S) memory (temporaries 216 MiB against splash's 169-245 MiB per 8192-token
+#         call at Ettin-150m's heads) and compute the same blocks on global, causal and local
+#         layers, but on packed rows, which every Ettin phase trains on, ours skip the block
+#         pairs whose documents do not meet: at S = 8192, 1.23x the visible score entries
+#         against splash's 2.81x (splash skips by the static band only). Neither kernel has
+#         been timed on a TPU here (cost_analysis counts no FLOPs inside Mosaic calls).
+#   cuda, rocm: our Pallas kernels (Triton); splash is TPU-only, and cuDNN cannot skip
+#         blocks for packed segments or a bidirectional window.
+#   anything else (cpu): dense XLA; the kernels would run in interpret mode, far slower.
+AUTO: dict[str, str] = {"tpu": "pallas", "cuda": "pallas", "rocm": "pallas", "default": "xla"}
+
+__all__ = ["AUTO", "IMPLEMENTATIONS", "Window", "cached_attention", "dot_product_attention",
            "local_window", "visibility_mask"]
 
 
@@ -53,17 +76,25 @@ def dot_product_attention(
     `segment_ids` [B, S] int (1..n documents, 0 padding). Scale 1/sqrt(head_dim); softmax in
     fp32. Returns [B, S, heads, head_dim] in v's dtype, zero at padding queries.
     `impl`: "xla" (dense reference, runs everywhere), "pallas" (the flash-attention kernels of
-    `pallas_kernels`; interpret mode on CPU), "cudnn" (jax.nn.dot_product_attention on a CUDA
-    GPU). Under a sharded step the Pallas kernels run per shard of the mesh the step names
+    `pallas_kernels`; interpret mode on CPU), "splash" (JAX's TPU splash kernels; interpret
+    mode on CPU, none on GPU), "cudnn" (jax.nn.dot_product_attention on a CUDA GPU), "auto"
+    (`AUTO`'s choice for the platform the step is lowered for, picked at lowering time by
+    `lax.platform_dependent`, so an AOT compile for a TPU from a CPU process gets the TPU
+    kernel; on CPU it is "xla", bit for bit). Under a sharded step the Pallas and splash
+    kernels run per shard of the mesh the step names
     (`pallas_kernels.partitioning.kernels_sharded_over`); XLA partitions the others itself.
     """
+    mask = dict(causal=causal, window=window, segment_ids=segment_ids)
     if impl == "xla":
-        return reference_attention(q, k, v, causal=causal, window=window,
-                                   segment_ids=segment_ids)
+        return reference_attention(q, k, v, **mask)
     if impl == "pallas":
-        return flash_attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids)
+        return flash_attention(q, k, v, **mask)
+    if impl == "splash":
+        return splash_attention(q, k, v, **mask)
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, segment_ids, causal=causal, window=window)
+    if impl == "auto":
+        return _auto_attention(q, k, v, **mask)
     raise ValueError(
         f"unknown attention implementation {impl!r}.{did_you_mean(impl, IMPLEMENTATIONS)} "
         f"Valid: {', '.join(IMPLEMENTATIONS)}"
@@ -92,6 +123,27 @@ def cached_attention(
     mask = is_visible(query_index[:, None], key_index[None, :], one_document, one_document,
                       causal=True, window=window)
     return masked_attention(q, keys, values, mask)
+
+
+def _auto_attention(q, k, v, **mask):
+    """`AUTO`'s implementation for the platform being lowered for. Each branch is the kernel
+    compiled for that platform (not interpret mode), so only one is traced per platform."""
+    kernels = {
+        "xla": functools.partial(reference_attention, **mask),
+        # `flash_attention` otherwise traces its TPU and GPU kernels for every platform.
+        "pallas:tpu": functools.partial(flash_attention, backend="tpu", interpret=False, **mask),
+        "pallas:gpu": functools.partial(flash_attention, backend="gpu", interpret=False, **mask),
+        "splash:tpu": functools.partial(splash_attention, interpret=False, **mask),
+    }
+
+    def kernel(platform: str):
+        choice = AUTO[platform]
+        if choice == "pallas":
+            return kernels["pallas:tpu" if platform == "tpu" else "pallas:gpu"]
+        return kernels["splash:tpu" if choice == "splash" else "xla"]
+
+    return lax.platform_dependent(q, k, v, tpu=kernel("tpu"), cuda=kernel("cuda"),
+                                  rocm=kernel("rocm"), default=kernel("default"))
 
 
 def _cudnn_attention(q, k, v, segment_ids, *, causal, window):

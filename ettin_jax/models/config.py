@@ -14,7 +14,7 @@ from ettin_jax.errors import did_you_mean
 Objective = Literal["mlm", "clm"]
 OBJECTIVES: tuple[str, ...] = ("mlm", "clm")
 
-AttentionImpl = Literal["xla", "pallas", "cudnn"]
+AttentionImpl = Literal["xla", "pallas", "cudnn", "splash", "auto"]
 DType = Literal["float32", "bfloat16", "float16"]
 Precision = Literal["uniform", "autocast"]
 PRECISIONS: tuple[str, ...] = ("uniform", "autocast")
@@ -55,7 +55,11 @@ class ModelConfig:
           and returned in float32), the residual stream and the vocabulary logits (`dtype`
           inputs, float32 accumulation and output, float32 bias) are float32.
         The two are the same network when dtype is float32.
-      attention_impl: which implementation runs attention (`ettin_jax.models.attention`).
+      attention_impl: which implementation runs attention (`ettin_jax.models.attention`):
+          "xla", "pallas", "splash", "cudnn", or "auto" (the kernel for the platform the step
+          is lowered for: our Pallas kernels on TPU and GPU, XLA on CPU). The default stays
+          "xla": "auto" computes the same on CPU but traces every platform's kernels (about
+          5 s more per tiny model on this CPU), so the recipes opt in.
 
     Raises ValueError from construction when the fields are inconsistent, naming the field.
     """

@@ -62,6 +62,7 @@ def _specs(plan: BlockPlan, head_dim: int, *, outer_is_query: bool) -> dict[str,
 def _call(kernel, plan: BlockPlan, grid, in_specs, out_specs, out_shape, scratch, interpret):
     return pl.pallas_call(
         kernel,
+        name=f"ettin_flash_attention_{kernel.__name__.removesuffix('_kernel')}",
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=out_specs,
             scratch_shapes=scratch),
@@ -79,8 +80,8 @@ def forward(q, k, v, segments, ranges, plan: BlockPlan, *, scale: float,
     q_segment, k_segment = segments[:, :, None], segments[:, None, :]
     spec = _specs(plan, head_dim, outer_is_query=True)
 
-    def kernel(first_ref, count_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref,
-               m_ref, l_ref, acc_ref):
+    def fwd_kernel(first_ref, count_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref,
+                   m_ref, l_ref, acc_ref):
         b, qb, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
         @pl.when(step == 0)
@@ -102,7 +103,7 @@ def forward(q, k, v, segments, ranges, plan: BlockPlan, *, scale: float,
             o_ref[...], lse_ref[...] = out.astype(o_ref.dtype), lse
 
     call = _call(
-        kernel, plan, (batch, heads, plan.num_q_blocks, plan.kv_steps),
+        fwd_kernel, plan, (batch, heads, plan.num_q_blocks, plan.kv_steps),
         [spec["q"], spec["k"], spec["k"], spec["q_segment"], spec["k_segment"]],
         [spec["q"], spec["row"]],
         [jax.ShapeDtypeStruct(q.shape, q.dtype),

@@ -52,3 +52,15 @@ def test_train_step_runs_the_kernels_per_chip(tpu_aot):
     step = _result(tpu_aot, "pallas_train_step")
     assert step["custom_calls"] >= 3 * step["layers"] + 1
 
+
+def test_auto_attention_compiles_the_chosen_kernel_for_tpu(tpu_aot):
+    """attention_impl "auto", lowered for a TPU from this CPU process, is the kernel `AUTO`
+    names for TPU, bit for bit in what it compiles to (same Mosaic kernels, same temporary
+    memory: the branches for other platforms leave nothing behind), in one layer's gradient
+    and in the real train step; splash compiles to its own three Mosaic kernels."""
+    result = _result(tpu_aot, "auto_attention")
+    layer, chosen = result["layer"], result["layer"][result["auto_tpu"]]
+    assert layer["auto"] == chosen and len(chosen["kernels"]) == 3
+    assert result["step_kernels"] == chosen["kernels"]
+    assert [name.split("_")[2] for name in layer["splash"]["kernels"]] == ["dkv", "dq", "fwd"]
+    assert all(name.startswith("splash_mha_") for name in layer["splash"]["kernels"])

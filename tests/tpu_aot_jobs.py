@@ -132,6 +132,60 @@ def pallas_train_step() -> dict:
     return {"custom_calls": text.count("tpu_custom_call"), "layers": recipe.model.num_layers}
 
 
+def _mosaic_kernels(hlo_text: str) -> list[str]:
+    """Names of the attention kernels among the Mosaic calls of compiled HLO (from each call's
+    op_name): our flash attention's (ettin_flash_attention_*) and splash's (splash_*)."""
+    import re
+
+    calls = [line for line in hlo_text.splitlines() if 'target="tpu_custom_call"' in line]
+    return sorted({name for line in calls for name in re.findall(
+        r"(ettin_flash_attention_[a-z]+|splash_m[hq]a_[a-z_]+)", line)})
+
+
+def auto_attention() -> dict:
+    """attention_impl "auto" compiled for TPU: the Mosaic kernels and temporary bytes of one
+    attention layer's gradient (Ettin's causal local window, packed rows) under "auto", "pallas"
+    and "splash", and the Mosaic kernels of the real FSDP train step under "auto"."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from ettin_jax.config import load_recipe
+    from ettin_jax.models.attention import AUTO, dot_product_attention
+    from ettin_jax.training.aot import topology_devices
+    from ettin_jax.training.mesh import batch_sharding, make_mesh
+    from ettin_jax.training.optimizer import make_optimizer
+    from ettin_jax.training.state import abstract_state, init_state_shardings
+    from ettin_jax.training.step import sharded_train_step
+
+    on_tpu = SingleDeviceSharding(_tpu_device())
+    args = [jax.ShapeDtypeStruct((2, 1024, 4, 64), jnp.bfloat16, sharding=on_tpu)] * 3
+    args.append(jax.ShapeDtypeStruct((2, 1024), jnp.int32, sharding=on_tpu))
+    layers = {}
+    for impl in ("auto", "pallas", "splash"):
+        def loss(q, k, v, segments, impl=impl):
+            out = dot_product_attention(q, k, v, segments, causal=True, window=(63, 0),
+                                        impl=impl)
+            return jnp.sum(out.astype(jnp.float32))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower().compile()
+        layers[impl] = {"kernels": _mosaic_kernels(compiled.as_text()),
+                        "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", DESCRIBE[2:5] + [
+        "model.attention_impl=auto", "train.seq_len=256"])
+    mesh = make_mesh(recipe.mesh, topology_devices(TOPOLOGY))
+    optimizer = make_optimizer(recipe.optimizer)
+    shardings = init_state_shardings(recipe.model, "clm", optimizer, mesh)
+    state = abstract_state(shardings, recipe.model, "clm", optimizer)
+    batch = {k: jax.ShapeDtypeStruct((16, 256), jnp.int32, sharding=batch_sharding(mesh))
+             for k in ("input_ids", "segment_ids", "positions", "labels")}
+    step = sharded_train_step(recipe.model, "clm", optimizer, shardings, mesh, seed=0,
+                              learning_rate=1e-3)
+    text = step.lower(state, batch).compile().as_text()
+    return {"auto_tpu": AUTO["tpu"], "layer": layers, "step_kernels": _mosaic_kernels(text)}
+
+
 JOBS = {
     "describe_seq128": lambda: describe("train.seq_len=128"),
     "describe_seq256": lambda: describe("train.seq_len=256"),
@@ -139,6 +193,7 @@ JOBS = {
     "flash_attention_kernels": flash_attention_kernels,
     "masked_packing_kernels": masked_packing_kernels,
     "pallas_train_step": pallas_train_step,
+    "auto_attention": auto_attention,
 }
 
 

@@ -20,7 +20,8 @@ Precision = Literal["uniform", "autocast"]
 PRECISIONS: tuple[str, ...] = ("uniform", "autocast")
 # Fields that change how a model runs, not what its weights are: a checkpoint saved with one
 # value resumes with another.
-RUNTIME_MODEL_FIELDS: tuple[str, ...] = ("preset", "attention_impl", "dtype", "precision")
+RUNTIME_MODEL_FIELDS: tuple[str, ...] = ("preset", "attention_impl", "dtype", "precision",
+                                         "scan_layers")
 # Fields a new training phase (or a weights-only start) may change on trained weights: the RoPE
 # bases (context extension) and dropout.
 PHASE_MODEL_FIELDS: tuple[str, ...] = ("global_rope_theta", "local_rope_theta",
@@ -60,6 +61,12 @@ class ModelConfig:
           is lowered for: our Pallas kernels on TPU and GPU, XLA on CPU). The default stays
           "xla": "auto" computes the same on CPU but traces every platform's kernels (about
           5 s more per tiny model on this CPU), so the recipes opt in.
+      scan_layers: run the repeating groups of layers (Ettin: local, local, global after
+        layer 0) as one `jax.lax.scan` instead of unrolling every layer: the same parameters
+        (still one per layer), dropout keys and operations, a 3x smaller program that traces
+        faster; the forward pass is bit-identical, gradients can differ in the last bits (XLA
+        fuses a loop body differently). Layer kinds that do not repeat run unrolled
+        (`ettin_jax.models.transformer.layer_scan`). Compile times: docs/benchmarks.md.
 
     Raises ValueError from construction when the fields are inconsistent, naming the field.
     """
@@ -82,6 +89,7 @@ class ModelConfig:
     param_dtype: DType = "float32"
     precision: Precision = "uniform"
     attention_impl: AttentionImpl = "xla"
+    scan_layers: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):

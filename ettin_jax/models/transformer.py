@@ -14,6 +14,9 @@ model's weights for checkpoints and HuggingFace interchange.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +36,9 @@ from ettin_jax.models.layers import (
 from ettin_jax.models.rope import document_positions
 
 ParamPath = tuple[str | int, ...]
+# `jax.lax.scan`'s unroll for the layer groups. Tests set True: the same program with the loop
+# unrolled must give the unrolled stack's results bit for bit.
+_SCAN_UNROLL: int | bool = 1
 
 
 class EttinModel(nnx.Module):
@@ -88,6 +94,11 @@ class EttinModel(nnx.Module):
           dropout_rng: PRNG key for dropout, required when deterministic is False.
         Raises ValueError for bad shapes or dtypes, ids outside the vocabulary (checked when
         the ids are concrete), or a missing dropout key.
+
+        With config.scan_layers the repeating layer groups run as one `jax.lax.scan`
+        (`layer_scan` says which; `_scan_layers`), the other layers one by one; without it,
+        or when the layer kinds do not repeat (an irregular `global_layers`), every layer
+        runs unrolled. Layer i's dropout key is fold_in(dropout_rng, i) either way.
         """
         self.check_inputs(input_ids, segment_ids, positions)
         if segment_ids is None:
@@ -97,12 +108,19 @@ class EttinModel(nnx.Module):
         if not deterministic and dropout_rng is None and self.config.attention_output_dropout > 0:
             raise ValueError("deterministic=False needs a dropout_rng key")
         rope = rope_by_kind(self.config, positions)
+
+        def run(block: TransformerBlock, hidden: jax.Array, key: jax.Array | None) -> jax.Array:
+            return block(hidden, rope, segment_ids, deterministic=deterministic, dropout_rng=key)
+
         hidden = self.embeddings(input_ids)
+        plan = layer_scan(self.config)
+        scanned = () if plan is None else range(plan.start, plan.stop)
         for index, block in enumerate(self.layers):
-            layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-            hidden = block(
-                hidden, rope, segment_ids, deterministic=deterministic, dropout_rng=layer_rng
-            )
+            if index not in scanned:
+                key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+                hidden = run(block, hidden, key)
+            elif index == plan.start:
+                hidden = _scan_layers(list(self.layers), plan, hidden, run, dropout_rng)
         return self.final_norm(hidden)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -146,6 +164,80 @@ class EttinModel(nnx.Module):
                 raise ValueError(
                     f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
                 )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerScan:
+    """Layers start .. stop-1 as `groups` repetitions of a group of `period` layers whose kinds
+    repeat: layer start + g * period + j is built like layer start + j for every group g."""
+
+    start: int
+    period: int
+    groups: int
+
+    @property
+    def stop(self) -> int:
+        """One past the last scanned layer."""
+        return self.start + self.period * self.groups
+
+
+def layer_scan(config: ModelConfig) -> LayerScan | None:
+    """Which layers `EttinModel` runs as a scan over repeating groups, or None (every layer
+    unrolled) when config.scan_layers is off or no group repeats at least twice.
+
+    Layer 0 is never scanned (it has no attention norm); from layer 1 the shortest period of
+    the layer kinds is taken, and the layers after its last whole group run unrolled. Ettin's
+    pattern (global iff i % 3 == 0) gives 1 + 7 x (local, local, global) for 22 layers and
+    1 + 9 x 3 for 28; an explicit `global_layers` list scans only if it happens to repeat.
+    """
+    if not config.scan_layers:
+        return None
+    kinds = config.layer_types[1:]
+    for period in range(1, len(kinds) // 2 + 1):
+        groups = len(kinds) // period
+        if all(kinds[i] == kinds[i % period] for i in range(groups * period)):
+            return LayerScan(start=1, period=period, groups=groups)
+    return None
+
+
+def _scan_layers(
+    layers: list[TransformerBlock], plan: LayerScan, hidden: jax.Array,
+    run: Callable[[TransformerBlock, jax.Array, jax.Array | None], jax.Array],
+    dropout_rng: jax.Array | None,
+) -> jax.Array:
+    """hidden after layers plan.start .. plan.stop-1, computed as `jax.lax.scan` over the
+    groups: the step runs one group, a block of each position j merged from the position's
+    GraphDef and its parameters stacked over the groups (a copy of those layers' weights;
+    the parameters themselves stay per layer). Each layer gets the dropout key
+    fold_in(dropout_rng, its index), as in the unrolled loop: the same computation, which
+    XLA gives bit for bit when it unrolls the loop (`_SCAN_UNROLL`); compiled as a loop, the
+    forward pass is still bit-identical and gradients can differ in the last bits (a loop
+    body's backward pass is fused, and FMA-contracted, differently).
+    """
+    graphdefs, stacked = [], []
+    for j in range(plan.period):
+        column = [nnx.split(layers[plan.start + g * plan.period + j])
+                  for g in range(plan.groups)]
+        graphdef = column[0][0]
+        if any(other != graphdef for other, _ in column[1:]):
+            raise AssertionError(f"layers {plan.start + j} + k * {plan.period} differ in "
+                                 f"structure; layer_scan should not have grouped them")
+        graphdefs.append(graphdef)
+        stacked.append(jax.tree.map(lambda *values: jnp.stack(values), *[s for _, s in column]))
+    indices = (plan.start + plan.period * jnp.arange(plan.groups)[:, None]
+               + jnp.arange(plan.period)[None, :])
+    keys = None if dropout_rng is None else jax.vmap(jax.vmap(
+        lambda index: jax.random.fold_in(dropout_rng, index)))(indices)
+
+    def group(carry: jax.Array, inputs) -> tuple[jax.Array, None]:
+        states, group_keys = inputs
+        for j, (graphdef, state) in enumerate(zip(graphdefs, states)):
+            key = None if group_keys is None else group_keys[j]
+            carry = run(nnx.merge(graphdef, state), carry, key)
+        return carry, None
+
+    hidden, _ = jax.lax.scan(group, hidden, (stacked, keys), unroll=_SCAN_UNROLL)
+    return hidden
 
 
 def named_params(model: EttinModel) -> dict[ParamPath, jax.Array]:

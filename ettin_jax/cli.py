@@ -146,6 +146,7 @@ def _train(args: argparse.Namespace) -> int:
         return _dry_run(args)
     if args.run_dir is None:
         raise ConfigError("train needs --run-dir DIR (or --dry-run)")
+    _enable_compilation_cache(args)
     from ettin_jax.training.distributed import initialize
     from ettin_jax.training.trainer import train_pair
 
@@ -176,6 +177,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _enable_compilation_cache(args)
     from ettin_jax.training.evaluation import evaluate_run
 
     results = evaluate_run(args.run_dir, batches=args.batches, overrides=args.overrides)
@@ -187,6 +189,20 @@ def _eval(args: argparse.Namespace) -> int:
               f"{r['eval_loss']:.4f}, perplexity {r['eval_perplexity']:.2f}, accuracy "
               f"{r['eval_accuracy']:.2%} over {r['eval_targets']:,} predicted tokens")
     return 0
+
+
+def _enable_compilation_cache(args: argparse.Namespace) -> None:
+    """The persistent compilation cache of `train` and `eval` (`ettin_jax.compilation_cache`),
+    before their first compile."""
+    from ettin_jax.compilation_cache import cache_directory, enable_compilation_cache
+
+    enable_compilation_cache(cache_directory(args.compilation_cache))
+
+
+def _add_compilation_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compilation-cache", metavar="DIR",
+                        help="persistent compilation cache directory, or 'off' (default: "
+                        "$ETTIN_JAX_COMPILATION_CACHE, else ~/.cache/ettin-jax/jax)")
 
 
 def _fill_mask(args: argparse.Namespace) -> int:
@@ -295,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multi-host: stop with an error when a peer is silent this long")
     train.add_argument("--cpu-devices", type=int,
                        help="run on N fake CPU devices (tests and debugging)")
+    _add_compilation_cache_option(train)
     train.set_defaults(run=_train, parser=train)
 
     evaluate = commands.add_parser(
@@ -310,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batches", type=int, help="held-out batches (default: "
                           "logging.eval_batches)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_compilation_cache_option(evaluate)
     evaluate.set_defaults(run=_eval, parser=evaluate)
 
     fill = commands.add_parser(

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ettin_jax.compilation_cache import cache_environment, default_cache_directory
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the tests and every subprocess they start (they inherit
-# the environment), kept per machine and shared by every checkout: the same programs compile
-# once, not once per process and run. Entries are keyed by the program, the JAX version and
-# the compiler flags, so a stale entry is never used.
-_CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE_HOME / "ettin-jax" / "jax-tests"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# the environment; JAX reads it at import, `ettin-jax train/eval` take JAX's directory), kept
+# per machine next to the CLI's and shared by every checkout: the same programs compile once,
+# not once per process and run. Entries are keyed by the program, the JAX version and the
+# compiler flags, so a stale entry is never used.
+for _name, _value in cache_environment(default_cache_directory().with_name("jax-tests")).items():
+    os.environ.setdefault(_name, _value)
 # Eight fake CPU devices for mesh tests; unsharded code runs on the first one as before. The
 # tests' programs are tiny and compiling them is most of their time: LLVM optimisation is off
 # (about 30% less wall time for compile-heavy tests; the same floating-point semantics).

@@ -151,3 +151,59 @@ def test_a_machine_without_a_tpu_starts_quietly(tokenizer_dir, tmp_path):
     for noise in ("E0000", "TPU_WORKER_HOSTNAMES", "TPU accelerator", "libtpu"):
         assert noise not in result.stderr, result.stderr
     assert "data.heldout is empty: training without held-out evaluation" in result.stderr
+
+
+@pytest.fixture
+def restores_compilation_cache():
+    """The test process's compilation cache settings, put back after a test that changes them."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir")
+    saved = {name: getattr(jax.config, name) for name in names}
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def test_train_writes_the_compilation_cache(tokenizer_dir, tmp_path,
+                                            restores_compilation_cache, capsys):
+    """`train --compilation-cache DIR` writes the programs it compiles into DIR. A sequence
+    length no other test uses: programs this process compiled before would come from memory
+    and reach no disk cache."""
+    cache = tmp_path / "cache"
+    assert main(["train", str(ONE_PHASE), "train.steps=1", "model.num_layers=1",
+                 "train.seq_len=40", "train.global_batch_size=8",
+                 f"data.tokenizer={tokenizer_dir}", "--only", "decoder", "data.heldout=[]",
+                 "--run-dir", str(tmp_path / "run"), "--compilation-cache", str(cache)]) == 0
+    assert "decoder: step 1," in capsys.readouterr().out
+    assert len(list(cache.iterdir())) > 0
+
+
+def test_compilation_cache_directory_and_off(tmp_path, restores_compilation_cache):
+    """The option wins over ETTIN_JAX_COMPILATION_CACHE, which wins over JAX's own directory,
+    then the XDG default; "off"/"0" disable it, and a disabled cache writes nothing."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ettin_jax.compilation_cache import cache_directory, enable_compilation_cache
+
+    env = {"ETTIN_JAX_COMPILATION_CACHE": "/e", "JAX_COMPILATION_CACHE_DIR": "/j",
+           "XDG_CACHE_HOME": "/x"}
+    assert cache_directory("/o", env) == "/o"
+    assert cache_directory(None, env) == "/e"
+    assert cache_directory("off", env) is None
+    assert cache_directory(None, {**env, "ETTIN_JAX_COMPILATION_CACHE": "OFF"}) is None
+    assert cache_directory(None, {**env, "ETTIN_JAX_COMPILATION_CACHE": "0"}) is None
+    assert cache_directory(None, {"JAX_COMPILATION_CACHE_DIR": "/j"}) == "/j"
+    assert cache_directory(None, {"XDG_CACHE_HOME": "/x"}) == "/x/ettin-jax/jax"
+    for name, directory in (("on", tmp_path / "on"), ("off", None)):
+        enable_compilation_cache(directory)
+        if directory is None:  # where JAX would write if the cache were on
+            jax.config.update("jax_compilation_cache_dir", str(tmp_path / name))
+        scale = float(np.random.default_rng().normal())  # a program no process compiled
+        jax.jit(lambda x: jnp.sin(x) * scale)(jnp.ones(3)).block_until_ready()
+        written = list((tmp_path / name).iterdir()) if (tmp_path / name).exists() else []
+        assert bool(written) == (name == "on"), written

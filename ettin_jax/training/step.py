@@ -12,19 +12,23 @@ each parameter's FSDP shard is cast to the dtype the model computes it in (bf16 
 `model.dtype: bfloat16`; the token embedding in the stream dtype, fp32 under autocast, where
 its lookup is fp32) and all-gathered over `fsdp`; the gradient of that gather is a
 reduce-scatter over `fsdp` in fp32 (a custom VJP), so every microbatch's weight gradients
-arrive as shards and are accumulated sharded over the microbatch loop (a `lax.scan`); after the
-loop one psum over `data` (and over `fsdp` for the replicated norm scales and bias) completes
-them, once per step. The kernels run unsharded inside the body (`kernels_sharded_over(None)`):
-the body already sees one device's rows.
+arrive as shards and are accumulated sharded over the microbatch loop (a `lax.scan`, whose
+carry passes an optimization barrier so that XLA does not move the reduce-scatters after the
+loop onto a full-size accumulator); after the loop one psum over `data` (and over `fsdp` for
+the replicated norm scales and bias) completes them, once per step. The kernels run unsharded
+inside the body (`kernels_sharded_over(None)`): the body already holds one device's rows.
 
-Why shard_map rather than sharding constraints on the global view: measured in the compiled v5p
-program (benchmarks/step_collectives.py, docs/benchmarks.md), XLA's partitioner all-reduced
-every weight gradient at full size inside the microbatch loop under FSDP and sliced it, gathered
-fp32 weights (the cast to bf16 happens after the gather in the model), and under data
-parallelism all-reduced the tied embedding's gradient in every microbatch; which collective
-XLA picks for a constrained cotangent, and whether it moves a reduction out of a loop, are its
-own heuristics, while shard_map states the communication outright (JAX's unreduced shardings
-would express "reduce after the loop" too, but need explicit mesh axes throughout).
+Why shard_map rather than sharding constraints on the global view: in the compiled v5p program
+of the global-view step (ettin-68m on v5p:2x2x1, `benchmarks/step_collectives.py`,
+docs/benchmarks.md) XLA's partitioner all-reduced every layer's weight gradients at full size
+in bf16 inside the microbatch loop, under FSDP and data parallelism alike, and the tied
+embedding's fp32 gradient (100 MB) too, once per microbatch; where the collectives go, and in
+which dtype, was its heuristics' choice. shard_map states the communication outright, and the
+compiled program shows it (tests/test_tpu_aot.py checks it). JAX's unreduced shardings could
+express "reduce after the loop" in the global view but need explicit mesh axes throughout.
+Reduction order changes with the mesh: fp32 losses and gradient norms agree with the
+global-view step to ~1e-7 relative; under bf16 autocast to ~3e-4 (it reduced gradients in
+bf16, this step in fp32).
 """
 
 from __future__ import annotations
@@ -188,12 +192,15 @@ def gather_dtypes(config: ModelConfig, params: Params) -> Params:
     it itself), every other weight matrix in config.dtype, vectors (norm scales, bias; never
     sharded) None (as stored)."""
     def dtype(path, leaf):
-        names = [str(getattr(entry, "key", entry)) for entry in path]
-        if "tok_embeddings" in names:
+        if "tok_embeddings" in _names(path):
             return jnp.dtype(config.stream_dtype)
         return jnp.dtype(config.dtype) if len(_shape(leaf)) >= 2 else None
 
     return jax.tree_util.tree_map_with_path(dtype, params)
+
+
+def _names(path) -> list[str]:
+    return [str(getattr(entry, "key", entry)) for entry in path]
 
 
 def _shape(leaf) -> tuple[int, ...]:
@@ -210,21 +217,28 @@ def _fsdp_axis(spec: PartitionSpec) -> int | None:
     return None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gather(shard: jax.Array, axis: int, dtype) -> jax.Array:
-    """The whole parameter from its `fsdp` shards (inside shard_map), gathered in `dtype`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gather(shard: jax.Array, axis: int, dtype, rows_first: bool) -> jax.Array:
+    """The whole parameter from its `fsdp` shards (inside shard_map), gathered in `dtype`.
+    Its gradient is reduce-scattered over `fsdp` in the shard's dtype (fp32): only the weights
+    travel in the compute dtype. `rows_first`: the gradient is reduce-scattered along axis 0
+    and then exchanged (all-to-all) into shards along `axis`."""
     return jax.lax.all_gather(shard.astype(dtype), "fsdp", axis=axis, tiled=True)
 
 
-def _gather_fwd(shard, axis, dtype):
-    return _gather(shard, axis, dtype), jnp.zeros((0,), shard.dtype)
+def _gather_fwd(shard, axis, dtype, rows_first):
+    return _gather(shard, axis, dtype, rows_first), jnp.zeros((0,), shard.dtype)
 
 
-def _gather_bwd(axis, dtype, empty, g):
-    # The gradient's reduction over fsdp stays in the shard's dtype (fp32): only the
-    # weights travel in the compute dtype.
-    return (jax.lax.psum_scatter(g.astype(empty.dtype), "fsdp", scatter_dimension=axis,
-                                 tiled=True),)
+def _gather_bwd(axis, dtype, rows_first, empty, g):
+    g = g.astype(empty.dtype)
+    if not rows_first or axis == 0:
+        return (jax.lax.psum_scatter(g, "fsdp", scatter_dimension=axis, tiled=True),)
+    # The token embedding's gradient (a scatter-add) scattered along its embed axis was
+    # all-reduced at full size and sliced by XLA:TPU, inside the loop; along the vocabulary it
+    # is a reduce-scatter, and the all-to-all moves a quarter shard's bytes.
+    rows = jax.lax.psum_scatter(g, "fsdp", scatter_dimension=0, tiled=True)
+    return (jax.lax.all_to_all(rows, "fsdp", split_axis=axis, concat_axis=0, tiled=True),)
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
@@ -252,11 +266,15 @@ def _per_device_gradients(loss: Callable, params: Params, batch: Batch, *,
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
 
     def place(shards):
-        def whole(shard, spec, dtype):
+        def whole(path, shard, spec, dtype):
             axis = _fsdp_axis(spec)
-            return shard if axis is None else _gather(shard, axis, dtype or shard.dtype)
+            rows_first = "tok_embeddings" in _names(path) and shard.shape[0] % mesh.shape[
+                "fsdp"] == 0
+            return shard if axis is None else _gather(shard, axis, dtype or shard.dtype,
+                                                      rows_first)
 
-        return jax.tree.map(whole, shards, specs, gather_dtypes, is_leaf=is_spec)
+        return jax.tree_util.tree_map_with_path(whole, shards, specs, gather_dtypes,
+                                                is_leaf=is_spec)
 
     def reduce(grad, spec):
         axes = tuple(a for a in BATCH_AXES if a != "fsdp" or _fsdp_axis(spec) is None)

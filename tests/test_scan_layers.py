@@ -18,16 +18,19 @@ from conftest import small_config
 
 
 def test_the_ettin_pattern_scans_after_layer_zero():
-    assert layer_scan(get_preset("ettin-150m")) == LayerScan(start=1, period=3, groups=7)
-    assert layer_scan(get_preset("ettin-1b")) == LayerScan(start=1, period=3, groups=9)
+    def scanned(config):
+        return layer_scan(dataclasses.replace(config, scan_layers=True))
+
+    assert scanned(get_preset("ettin-150m")) == LayerScan(start=1, period=3, groups=7)
+    assert scanned(get_preset("ettin-1b")) == LayerScan(start=1, period=3, groups=9)
     # 8 layers: 0 | (local, local, global) x 2 | 7 unrolled after the last whole group.
-    assert layer_scan(small_config(num_layers=8)) == LayerScan(start=1, period=3, groups=2)
-    assert layer_scan(small_config(num_layers=8, scan_layers=False)) is None
-    assert layer_scan(small_config(num_layers=2)) is None  # nothing repeats
-    assert layer_scan(small_config(num_layers=3)) == LayerScan(start=1, period=1, groups=2)
+    assert scanned(small_config(num_layers=8)) == LayerScan(start=1, period=3, groups=2)
+    assert layer_scan(small_config(num_layers=8)) is None  # off by default
+    assert scanned(small_config(num_layers=2)) is None  # nothing repeats
+    assert scanned(small_config(num_layers=3)) == LayerScan(start=1, period=1, groups=2)
     # An explicit list that does not repeat runs unrolled; one that does is scanned.
-    assert layer_scan(small_config(num_layers=6, global_layers=(1, 4))) is None
-    assert layer_scan(small_config(num_layers=7, global_layers=(2, 4, 6))) == LayerScan(
+    assert scanned(small_config(num_layers=6, global_layers=(1, 4))) is None
+    assert scanned(small_config(num_layers=7, global_layers=(2, 4, 6))) == LayerScan(
         start=1, period=2, groups=3)
 
 
@@ -58,7 +61,7 @@ def test_scan_gives_the_unrolled_loss_and_gradients(objective, precision, rng, m
     differ in the last bits, because XLA:CPU fuses (and contracts into FMAs) a loop body's
     backward pass differently from straight-line code."""
     dtype = "float32" if precision == "uniform" else "bfloat16"
-    config = small_config(num_layers=6, global_attn_every_n_layers=2,
+    config = small_config(num_layers=6, global_attn_every_n_layers=2, scan_layers=True,
                           attention_output_dropout=0.2, precision=precision, dtype=dtype)
     assert layer_scan(config) == LayerScan(start=1, period=2, groups=2)
     model = EttinModel(config, objective, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
@@ -84,7 +87,7 @@ def test_scan_gives_the_unrolled_loss_and_gradients(objective, precision, rng, m
 
 def test_scan_keeps_the_parameters_per_layer():
     """Checkpoints and the HuggingFace key map see ("layers", i, ...) either way."""
-    config = small_config(num_layers=8)
+    config = small_config(num_layers=8, scan_layers=True)
     scanned = nnx.state(EttinModel(config, "mlm", rngs=nnx.Rngs(0)))
     unrolled = nnx.state(EttinModel(dataclasses.replace(config, scan_layers=False), "mlm",
                                     rngs=nnx.Rngs(0)))

@@ -19,6 +19,7 @@ and the compiled step's temporary bytes per device.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import time
 from pathlib import Path
@@ -46,11 +47,17 @@ def time_step(recipe, objective: str, mesh, rows: int, microbatch_size: int | No
     batch = {k: jax.ShapeDtypeStruct((rows, recipe.train.seq_len), jnp.int32,
                                      sharding=batch_sharding(mesh))
              for k in ("input_ids", "segment_ids", "positions", "labels")}
+    # The step takes its learning rate as an argument before commit abd9829 (the "before"
+    # measurements), as a schedule since.
+    scheduled = "learning_rate" in inspect.signature(sharded_train_step).parameters
+    schedule = {"learning_rate": recipe.optimizer.learning_rate} if scheduled else {}
     step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh, seed=0,
                               microbatch_size=microbatch_size,
-                              mlm_mask_ratio=recipe.data.mlm_mask_ratio)
+                              mlm_mask_ratio=recipe.data.mlm_mask_ratio, **schedule)
+    arguments = (state, batch) if scheduled else (
+        state, batch, jax.ShapeDtypeStruct((), jnp.float32))
     start, cpu_start = time.perf_counter(), time.process_time()
-    lowered = step.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32))
+    lowered = step.lower(*arguments)
     lowered_at, cpu_lowered_at = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
     done, cpu_done = time.perf_counter(), time.process_time()

@@ -33,6 +33,8 @@ def _recipe_or_preset(spec: str, overrides: Sequence[str]) -> Recipe:
 def _describe(args: argparse.Namespace) -> int:
     from ettin_jax.models.describe import describe_pair, format_description
 
+    if args.hlo and not args.tpu_topology:
+        args.parser.error("--hlo needs --tpu-topology (the HLO is the TPU program's)")
     recipe = _recipe_or_preset(args.recipe, args.overrides)
     if args.phase:
         from ettin_jax.training.phases import phase_named
@@ -44,7 +46,7 @@ def _describe(args: argparse.Namespace) -> int:
     if args.tpu_topology:
         from ettin_jax.training.aot import tpu_memory_report
 
-        report["tpu"] = tpu_memory_report(recipe, args.tpu_topology)
+        report["tpu"] = tpu_memory_report(recipe, args.tpu_topology, hlo_dir=args.hlo)
         if not args.json:
             print(json.dumps(report["tpu"], indent=2))
     print(json.dumps(report, indent=2) if args.json else format_description(report))
@@ -273,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--tpu-topology", metavar="NAME",
                           help="also AOT-compile the train step for this TPU topology (e.g. "
                           "v5p:4x4x4; needs the tpu extra) and report per-chip memory")
+    describe.add_argument("--hlo", metavar="DIR",
+                          help="with --tpu-topology: write each member's compiled HLO text to "
+                          "DIR/encoder.hlo.txt and DIR/decoder.hlo.txt and report its "
+                          "collectives")
     describe.set_defaults(run=_describe, parser=describe)
 
     recipe = commands.add_parser(

@@ -4,6 +4,8 @@ compiled once, in the one subprocess of the `tpu_aot` fixture (tests/tpu_aot_job
 
 from __future__ import annotations
 
+import numpy as np
+
 LIBTPU_NOISE = ("E0000", "TPU_WORKER_HOSTNAMES", "could not determine TPU")
 
 
@@ -51,6 +53,61 @@ def test_train_step_runs_the_kernels_per_chip(tpu_aot):
     the model's graph knows nothing of the mesh."""
     step = _result(tpu_aot, "pallas_train_step")
     assert step["custom_calls"] >= 3 * step["layers"] + 1
+
+
+
+def _weight_collectives(run: dict, member: str, kind: str) -> list[dict]:
+    """The `kind` collectives of `member`'s step whose arrays are weight matrices (whole, or
+    one FSDP shard of one: a dimension divided by the 4 chips)."""
+    matrices = [tuple(shape) for shape in run["param_shapes"] if len(shape) >= 2]
+
+    def is_weight(shape):
+        return any(len(shape) == len(whole) and all(
+            dim in (full, full // 4) for dim, full in zip(shape, whole)) for whole in matrices)
+
+    return [c for c in run["collectives"][member] if c["kind"] == kind
+            and all(is_weight(tuple(shape)) for shape in c["shapes"])]
+
+
+def test_describe_writes_each_members_hlo(tpu_aot):
+    run = _result(tpu_aot, "describe_hlo_fsdp")
+    assert run["code"] == 0
+    assert run["files"] == ["decoder.hlo.txt", "encoder.hlo.txt"]
+    for member in ("encoder", "decoder"):
+        assert run["collectives"][member]  # HLO text a reader can parse
+        summary = run["tpu"][member]["collectives"]
+        assert sum(entry["count"] for entry in summary.values()) == len(
+            run["collectives"][member])
+
+
+def test_fsdp_reduce_scatters_gradients_inside_the_microbatch_loop(tpu_aot):
+    """FSDP over 4 chips, 4 microbatches: every weight gradient is reduce-scattered into its
+    shard inside the microbatch loop (one shard's bytes come back, and the accumulator is a
+    shard); no weight gradient is all-reduced at full size there; weights travel in bf16."""
+    run = _result(tpu_aot, "describe_hlo_fsdp")
+    matrices = [shape for shape in run["param_shapes"] if len(shape) >= 2]
+    for member in ("encoder", "decoder"):
+        scatters = _weight_collectives(run, member, "reduce-scatter")
+        assert all(c["in_loop"] and c["dtype"] == "f32" for c in scatters)
+        assert len(scatters) >= len(matrices)
+        full_size = [c for c in _weight_collectives(run, member, "all-reduce")
+                     if c["in_loop"] and any(list(s) in matrices for s in c["shapes"])]
+        assert not full_size, full_size
+        gathers = _weight_collectives(run, member, "all-gather")
+        assert len(gathers) >= len(matrices) and all(c["in_loop"] for c in gathers)
+        assert {c["dtype"] for c in gathers} == {"bf16"}
+
+
+def test_data_parallel_reduces_gradients_once_after_the_microbatch_loop(tpu_aot):
+    """mesh.data=4, 4 microbatches: no collective inside the microbatch loop; the gradients
+    (every parameter, fp32) are all-reduced after it, once."""
+    run = _result(tpu_aot, "describe_hlo_dp")
+    param_bytes = 4 * sum(int(np.prod(shape)) for shape in run["param_shapes"])
+    for member in ("encoder", "decoder"):
+        found = run["collectives"][member]
+        assert not [c for c in found if c["in_loop"]]
+        reduced = sum(c["bytes"] for c in found if c["kind"] == "all-reduce")
+        assert param_bytes <= reduced < param_bytes + 1024  # + the loss sums, once
 
 
 def test_auto_attention_compiles_the_chosen_kernel_for_tpu(tpu_aot):

@@ -132,6 +132,33 @@ def pallas_train_step() -> dict:
     return {"custom_calls": text.count("tpu_custom_call"), "layers": recipe.model.num_layers}
 
 
+def describe_hlo(*overrides: str) -> dict:
+    """`ettin-jax describe tiny ... --tpu-topology v5p:2x2x1 --hlo DIR --json` with bf16
+    compute and 4 microbatches of 1 row per chip (FSDP over all four chips unless `overrides`
+    say otherwise): its exit code, the files written to DIR, the "tpu" report, each member's
+    collectives as `ettin_jax.training.hlo` reads them from its HLO file, and the parameter
+    shapes."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from ettin_jax.config import load_recipe
+    from ettin_jax.models import EttinModel
+    from ettin_jax.training.hlo import collectives
+
+    settings = ["model.dtype=bfloat16", "train.microbatch_size=4", *overrides]
+    with tempfile.TemporaryDirectory() as hlo:
+        described = describe(*settings, "--hlo", hlo)
+        files = sorted(os.listdir(hlo))
+        found = {path.name.split(".")[0]: [dataclasses.asdict(c) for c in collectives(
+            path.read_text())] for path in Path(hlo).glob("*.hlo.txt")}
+    config = load_recipe(ROOT / "recipes" / "tiny.yaml", DESCRIBE[2:5] + settings).model
+    shapes = [list(leaf.shape) for leaf in jax.tree.leaves(nnx.state(nnx.eval_shape(
+        lambda: EttinModel(config, "clm", rngs=nnx.Rngs(0))), nnx.Param))]
+    return {**described, "files": files, "collectives": found, "param_shapes": shapes}
+
+
 def _mosaic_kernels(hlo_text: str) -> list[str]:
     """Names of the attention kernels among the Mosaic calls of compiled HLO (from each call's
     op_name): our flash attention's (ettin_flash_attention_*) and splash's (splash_*)."""
@@ -194,6 +221,8 @@ JOBS = {
     "masked_packing_kernels": masked_packing_kernels,
     "pallas_train_step": pallas_train_step,
     "auto_attention": auto_attention,
+    "describe_hlo_fsdp": describe_hlo,
+    "describe_hlo_dp": lambda: describe_hlo("mesh.data=4", "mesh.fsdp=1"),
 }
 
 

@@ -64,9 +64,9 @@ class ModelConfig:
       scan_layers: run the repeating groups of layers (Ettin: local, local, global after
         layer 0) as one `jax.lax.scan` instead of unrolling every layer: the same parameters
         (still one per layer), dropout keys and operations, a 3x smaller program that traces
-        faster and compiles ~25% faster for TPU, but needs more temporary memory (the scan
-        keeps every layer's backward residuals; +35% for ettin-150m on TPU) and no faster on
-        CPU; the forward pass is bit-identical, gradients can differ in the last bits (XLA
+        faster and compiles 5-25% faster for TPU, but needs more temporary memory (the scan
+        keeps every layer's backward residuals; +35-70% for ettin-150m on TPU) and compiles
+        no faster on CPU; the forward pass is bit-identical, gradients can differ in the last bits (XLA
         fuses a loop body differently). Off by default for the memory; measurements in
         docs/benchmarks.md "Compile time". Layer kinds that do not repeat run unrolled
         (`ettin_jax.models.transformer.layer_scan`).

@@ -66,8 +66,8 @@ class ModelConfig:
         (still one per layer), dropout keys and operations, a 3x smaller program that traces
         faster and compiles 5-25% faster for TPU, but needs more temporary memory (the scan
         keeps every layer's backward residuals; +35-70% for ettin-150m on TPU) and compiles
-        no faster on CPU; the forward pass is bit-identical, gradients can differ in the last bits (XLA
-        fuses a loop body differently). Off by default for the memory; measurements in
+        no faster on CPU; the forward pass is bit-identical, gradients can differ in the
+        last bits (XLA fuses a loop body differently). Off by default for the memory; see
         docs/benchmarks.md "Compile time". Layer kinds that do not repeat run unrolled
         (`ettin_jax.models.transformer.layer_scan`).
 

@@ -129,15 +129,17 @@ def test_run_dir_accepts_resume_compatible_changes_only(tmp_path):
     assert claim_run_dir(tmp_path, recipe) == {}
     (tmp_path / "decoder" / "checkpoints" / "3").mkdir(parents=True)  # from now on it does
     moved = load_recipe(RECIPES / "tiny.yaml", ["mesh.data=2", "logging.every_steps=1",
-                                                "phases.2.model.attention_impl=pallas"])
+                                                "phases.2.model.attention_impl=pallas",
+                                                "model.scan_layers=true"])
     assert set(claim_run_dir(tmp_path, moved)) == {
-        "mesh.data", "logging.every_steps", "phases.2.model.attention_impl"}
+        "mesh.data", "logging.every_steps", "phases.2.model.attention_impl",
+        "model.scan_layers", *(f"phases.{i}.model.scan_layers" for i in range(3))}
     assert load_recipe(tmp_path / "recipe.yaml") == moved  # what the run now is
     for change in ["train.seq_len=64", "phases.2.data.mlm_mask_ratio=0.2",
                    "phases=[{name: only}]", "model.num_layers=2"]:
         other = load_recipe(RECIPES / "tiny.yaml", ["mesh.data=2", "logging.every_steps=1",
                                                     "phases.2.model.attention_impl=pallas",
-                                                    change] if "phases=" not in change
+                                                    "model.scan_layers=true", change] if "phases=" not in change
                             else [change])
         with pytest.raises(ConfigError, match="holds a run of another recipe"):
             claim_run_dir(tmp_path, other)

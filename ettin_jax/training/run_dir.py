@@ -29,7 +29,8 @@ RECIPE_FILE = "recipe.yaml"
 # may change.
 RESUME_COMPATIBLE = (
     "mesh.*", "logging.*", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_every",
-    "*model.attention_impl", "*data.workers", "*train.max_nonfinite_steps",
+    "*model.attention_impl", "*model.scan_layers", "*data.workers",
+    "*train.max_nonfinite_steps",
 )
 
 

@@ -156,11 +156,15 @@ def test_bad_arguments_are_named(rng):
         flash_attention(q, k, v, window=(-1, 3))
 
 
-def test_sharded_over_runs_each_shard_on_its_device():
-    """Under a jit whose batch is split over 8 devices (and heads over 2 of them), each device
-    runs the kernels on its own shard: no all-gather, sharded gradients, the reference's
-    values. (Without `sharded_over` XLA gathers every input onto every device.)"""
-    rng = np.random.default_rng(7)
+@pytest.mark.parametrize("kernel", ["flash", "splash"])
+def test_sharded_over_runs_each_shard_on_its_device(kernel):
+    """Under a jit whose batch is split over 4 devices (and heads over 2), each device runs the
+    kernels (ours, or JAX's splash behind our masks) on its own shard: no all-gather, sharded
+    gradients, the reference's values. (Without `sharded_over` XLA gathers every input onto
+    every device.)"""
+    from pallas_kernels.splash import splash_attention
+
+    rng = np.random.default_rng()
     q, k, v = random_inputs(rng, 8, 40, 2, 64)
     segments = jnp.asarray(np.repeat(np.arange(1, 5), 10)[None].repeat(8, 0))
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"),
@@ -169,7 +173,8 @@ def test_sharded_over_runs_each_shard_on_its_device():
     heads = NamedSharding(mesh, sharded_over.spec("batch", None, "heads", None))
 
     def loss(q, k, v, **kwargs):
-        attention = flash_attention if kwargs else reference_attention
+        attention = ({"flash": flash_attention, "splash": splash_attention}[kernel] if kwargs
+                     else reference_attention)
         return jnp.sum(attention(q, k, v, causal=True, segment_ids=segments, **kwargs) ** 2)
 
     step = jax.jit(jax.value_and_grad(functools.partial(loss, sharded_over=sharded_over),

@@ -6,17 +6,14 @@ in interpret mode; the Mosaic compilation for a TPU is in test_tpu_aot.py."""
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh, NamedSharding
 from test_flash_attention import random_inputs, random_segments
 
 from pallas_kernels.flash_attention import reference_attention
-from pallas_kernels.partitioning import ShardedOver
 from pallas_kernels.splash import block_size, splash_attention
 
 MASKS = [(False, None), (True, None), (False, (16, 16)), (True, (15, 0)), (False, (5, 9))]
@@ -80,29 +77,8 @@ def test_bad_arguments_are_named(rng):
         splash_attention(q, k[:, :8], v)
 
 
-def test_runs_per_shard_under_a_sharded_jit():
-    """Batch over 4 devices and heads over 2: each device runs splash on its shard (no
-    all-gather), with the reference's values and sharded gradients."""
-    rng = np.random.default_rng(11)
-    q, k, v = random_inputs(rng, 4, 40, 2, 64)
-    segments = jnp.asarray(np.repeat(np.arange(1, 5), 10)[None].repeat(4, 0))
-    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"),
-                axis_types=(AxisType.Auto,) * 2)
-    sharded_over = ShardedOver(mesh, batch=("data",), heads=("tensor",))
-    heads = NamedSharding(mesh, sharded_over.spec("batch", None, "heads", None))
-
-    def loss(q, k, v, **kwargs):
-        attention = splash_attention if kwargs else reference_attention
-        return jnp.sum(attention(q, k, v, causal=True, segment_ids=segments, **kwargs) ** 2)
-
-    step = jax.jit(jax.value_and_grad(functools.partial(loss, sharded_over=sharded_over),
-                                      (0, 1, 2)), in_shardings=(heads, heads, heads))
-    assert "all-gather" not in step.lower(q, k, v).compile().as_text()
-    value, grads = step(q, k, v)
-    expected, expected_grads = jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
-    assert float(value) == pytest.approx(float(expected), rel=1e-5)
-    for grad, ref in zip(grads, expected_grads):
-        assert grad.sharding.spec == heads.spec and _relative_error(grad, ref) <= 1e-4
+# Per-shard execution under a sharded jit: test_flash_attention.py
+# (test_sharded_over_runs_each_shard_on_its_device), for both kernels.
 
 
 # attention_impl "auto" (ettin_jax.models.attention.AUTO); on TPU: test_tpu_aot.py.

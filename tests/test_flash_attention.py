@@ -46,12 +46,13 @@ def _relative_error(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
-def _check_against_reference(q, k, v, segments, *, forward_tol=1e-5, grad_tol=1e-4, rng,
-                             **kwargs):
-    """Forward and all three gradients (random cotangent) against reference_attention."""
+def check_against_reference(q, k, v, segments, *, forward_tol=1e-5, grad_tol=1e-4, rng,
+                            attention=flash_attention, **kwargs):
+    """Forward and all three gradients (random cotangent) of `attention` (flash_attention,
+    or another kernel with its interface) against reference_attention."""
     mask = dict(causal=kwargs.pop("causal"), window=kwargs.pop("window"),
                 segment_ids=segments)
-    out, vjp = jax.vjp(lambda *a: flash_attention(*a, **mask, **kwargs), q, k, v)
+    out, vjp = jax.vjp(lambda *a: attention(*a, **mask, **kwargs), q, k, v)
     ref, ref_vjp = jax.vjp(lambda *a: reference_attention(*a, **mask), q, k, v)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert bool(jnp.all(jnp.isfinite(out)))
@@ -70,7 +71,7 @@ def test_matches_the_xla_reference(rng, backend, causal, window):
     q, k, v = random_inputs(rng, 3, seq, 2, 64)
     segments = jnp.asarray(random_segments(rng, 3, seq))
     blocks = [int(b) for b in rng.choice([8, 16, 32], 2)]
-    _check_against_reference(q, k, v, segments, causal=causal, window=window, backend=backend,
+    check_against_reference(q, k, v, segments, causal=causal, window=window, backend=backend,
                              block_q=blocks[0], block_k=blocks[1], interpret=True, rng=rng)
 
 
@@ -88,7 +89,7 @@ def test_tpu_kernels_in_tpu_interpret_mode(rng):
     q, k, v = random_inputs(rng, 2, 40, 2, 64)
     segments = jnp.asarray(random_segments(rng, 2, 40))
     try:
-        _check_against_reference(q, k, v, segments, causal=True, window=(6, 0), backend="tpu",
+        check_against_reference(q, k, v, segments, causal=True, window=(6, 0), backend="tpu",
                                  block_q=16, block_k=8, interpret=pltpu.InterpretParams(),
                                  rng=rng)
     finally:

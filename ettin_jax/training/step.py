@@ -58,9 +58,7 @@ LearningRate = Callable[[jax.Array], jax.Array] | float
 
 def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
                     seed: int, learning_rate: LearningRate, microbatch_size: int | None = None,
-                    compute_shardings: Params | None = None,
                     mlm_mask_ratio: float | None = None,
-                    sharded_over: ShardedOver | None = None,
                     param_shardings: Params | None = None,
                     gather_dtypes: Params | None = None) -> Callable:
     """train_step(state, batch) -> (state, metrics), ready for jax.jit.
@@ -72,13 +70,11 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
 
     A batch of R rows runs as R / microbatch_size microbatches (the layout of
     `data_pipelines.microbatches`; None: one), decided from its static shape, so batch-size
-    warmup feeds growing batches of whole microbatches to the same function. Parameters are
-    placed on `compute_shardings` (FSDP: gathered, `mesh.compute_sharding`) while the model
-    runs; None leaves placement to XLA. `mlm_mask_ratio`: the MLM head on the packed masked
-    tokens (`loss_sums`). `sharded_over`: where the batch lives on the mesh, so that the
-    kernels run per shard. With `param_shardings` (the parameters' storage NamedShardings on
-    one mesh), the gradients are computed per device under shard_map instead (the module
-    docstring; `compute_shardings` and `sharded_over` are then unused); `gather_dtypes` (a
+    warmup feeds growing batches of whole microbatches to the same function.
+    `mlm_mask_ratio`: the MLM head on the packed masked tokens (`loss_sums`). With
+    `param_shardings` (the parameters' storage NamedShardings on one mesh), the gradients are
+    computed per device under shard_map (the module docstring); without, in one piece with
+    placement left to XLA (one device, or tests); `gather_dtypes` (a
     tree like the parameters of dtypes or None) is the dtype each FSDP shard is gathered in
     (None: its own). Dropout keys come from (seed, step, row of the batch). A step whose loss or
     gradient is not finite, or whose masked tokens overflowed the packing, is not applied.
@@ -102,11 +98,8 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
                 param_shardings=param_shardings, gather_dtypes=gather_dtypes,
                 microbatch_size=microbatch_size)
         batch = dict(batch, **{_ROW: jnp.arange(batch["input_ids"].shape[0])})
-        grad = jax.grad(lambda p, micro: microbatch_loss(_place(p, compute_shardings), micro,
-                                                         rng), has_aux=True)
-        with kernels_sharded_over(sharded_over):
-            return _accumulate(lambda micro, index: grad(params, micro), batch,
-                               microbatch_size)
+        grad = jax.grad(lambda p, micro: microbatch_loss(p, micro, rng), has_aux=True)
+        return _accumulate(lambda micro, index: grad(params, micro), batch, microbatch_size)
 
     schedule = learning_rate if callable(learning_rate) else (
         lambda tokens: jnp.full((), learning_rate, jnp.float32))

@@ -220,10 +220,10 @@ def test_bad_mesh_batch_and_run_dir(tmp_path, tokenizer_dir):
 
 def _train_command(run_dir, tokenizer_dir, *extra):
     # Two phases: 5 steps with batch-size warmup from 2 to 8 rows (checkpoints fall in the middle
-    # of full batches too), then 4 steps at a longer sequence, 15% masking and a restarted
+    # of full batches too), then 10 steps at a longer sequence, 15% masking and a restarted
     # schedule. Kills land in either phase.
     phases = ("phases=[{name: a, kind: pretrain, train: {steps: 5}},"
-              " {name: b, kind: decay, train: {steps: 4, seq_len: 96, batch_warmup_tokens: 0},"
+              " {name: b, kind: decay, train: {steps: 10, seq_len: 96, batch_warmup_tokens: 0},"
               "  data: {mlm_mask_ratio: 0.15}, schedule: {start: 0.5, decay_tokens: null}}]")
     return [sys.executable, "-m", "ettin_jax", "train", str(TINY), *SMALL, phases,
             "checkpoint.every_steps=3", "train.microbatch_size=2",
@@ -237,7 +237,7 @@ def _wait_for_step(member_dir: Path, step: int, process, timeout=120) -> None:
         if any(r["step"] >= step for r in read_metrics(member_dir)):
             return
         assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise AssertionError(f"step {step} never came")
 
 
@@ -249,8 +249,8 @@ def test_kill_9_and_sigterm_then_resume_is_bit_identical(tokenizer_dir, tmp_path
                    capture_output=True)
     records = read_metrics(reference / "encoder")
     expected = {r["step"]: r["loss"] for r in records}
-    assert sorted(expected) == list(range(1, 10))
-    assert [r["phase"] for r in records] == ["a"] * 5 + ["b"] * 4
+    assert sorted(expected) == list(range(1, 16))
+    assert [r["phase"] for r in records] == ["a"] * 5 + ["b"] * 10
     rows = [r["batch_rows"] for r in records]
     assert rows == sorted(rows) and rows[0] == 2 and rows[4] == 8 and len(set(rows)) >= 3
 
@@ -260,11 +260,14 @@ def test_kill_9_and_sigterm_then_resume_is_bit_identical(tokenizer_dir, tmp_path
     _wait_for_step(run / "encoder", 5, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    # Same command again: resumes from the last complete checkpoint (step 3 or 5 of phase a, or
-    # 6 of phase b).
+    killed_at = max(r["step"] for r in read_metrics(run / "encoder"))
+    # Same command again: resumes from the last complete checkpoint (a multiple of 3 or the end
+    # of phase a). SIGTERM goes once this process has written a step the killed one never did,
+    # and well before the last step, so it lands mid-run.
+    assert killed_at + 1 <= 10, killed_at
     process = subprocess.Popen(_train_command(run, tokenizer_dir), env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for_step(run / "encoder", 7, process)
+    _wait_for_step(run / "encoder", killed_at + 1, process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err

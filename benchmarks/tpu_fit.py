@@ -17,6 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from data_pipelines.microbatches import microbatch_rows  # noqa: E402
 from ettin_jax.config import load_recipe  # noqa: E402
 from ettin_jax.training.aot import tpu_memory_report  # noqa: E402
 from ettin_jax.training.phases import phase_named  # noqa: E402
@@ -49,7 +50,9 @@ def main() -> None:
         report = tpu_memory_report(recipe, args.topology)
         seconds = (time.perf_counter() - start) / 2
         mesh = f"{report['mesh']['data']} x {report['mesh']['fsdp']}"
-        per_chip = (recipe.train.microbatch_size or report["rows"]) // report["chips"]
+        per_chip = (microbatch_rows(report["rows"], recipe.train.microbatch_size,
+                                    recipe.train.max_microbatch_size)
+                    or report["rows"]) // report["chips"]
         for member in ("encoder", "decoder"):
             entry = report[member]
             if "error" in entry:

@@ -36,6 +36,26 @@ def split_microbatches(batch: Mapping[str, Array], count: int) -> dict[str, Arra
     return result
 
 
+def microbatch_rows(rows: int, microbatch_size: int | None,
+                    max_microbatch_size: int | None = None) -> int | None:
+    """Rows per microbatch of a batch of `rows` rows: None (the batch in one piece) without
+    `microbatch_size`; else the largest multiple j x microbatch_size that divides `rows` and
+    holds at most `max_microbatch_size` rows (None: microbatch_size itself), so the batch runs
+    as the fewest whole microbatches that fit. Any split sums to the same gradient; this one
+    only decides how many rows are in flight at once.
+
+    Raises ValueError when microbatch_size does not divide `rows`.
+    """
+    if not microbatch_size:
+        return None
+    if rows % microbatch_size:
+        raise ValueError(f"a batch of {rows} rows is not whole microbatches of "
+                         f"{microbatch_size} rows")
+    count = rows // microbatch_size
+    most = max(1, (max_microbatch_size or microbatch_size) // microbatch_size)
+    return microbatch_size * max(j for j in range(1, min(count, most) + 1) if count % j == 0)
+
+
 def join_microbatches(parts: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Microbatches (equal row counts) -> one batch in the layout `split_microbatches` undoes."""
     return {key: np.stack([part[key] for part in parts], axis=1)

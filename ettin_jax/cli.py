@@ -533,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a bug: one line here, the traceback in a file
         if "RESOURCE_EXHAUSTED" in str(err):
             print(f"{name}: error: out of device memory ({first_line(err)}); use smaller "
-                  f"microbatches (train.microbatch_size) or more devices", file=sys.stderr)
+                  f"microbatches (train.microbatch_size, train.max_microbatch_size) or more "
+                  f"devices", file=sys.stderr)
             return 2
         saved = _save_traceback()
         print(f"{name}: internal error: {type(err).__name__}: {first_line(err)} (the "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from data_pipelines.microbatches import microbatch_rows
 from ettin_jax.config import (
     ConfigError,
     Recipe,
@@ -202,6 +203,9 @@ def test_defaults_and_presets():
     ("logging:\n  tensorboard: 1\n", ["logging.tensorboard", "expected bool"]),
     ("train:\n  steps: null\n", ["steps and tokens are both null"]),
     ("train:\n  batch_warmup_tokens: 100\n", ["batch_warmup_tokens=100 needs microbatch_size"]),
+    ("train:\n  microbatch_size: 4\n  max_microbatch_size: 2\n",
+     ["max_microbatch_size=2 needs microbatch_size set and at most max_microbatch_size (got 4)"]),
+    ("train:\n  max_microbatch_size: 8\n", ["max_microbatch_size=8 needs microbatch_size"]),
     ("schedule:\n  start: 0.5\n  floor: 0.6\n", ["floor must be in [0, start=0.5], got 0.6"]),
 ])
 def test_bad_yaml_names_file_key_and_choices(tmp_path, text, expected):
@@ -311,8 +315,12 @@ def test_ettin_recipes_hold_the_papers_numbers(size):
     assert (schedule.kind, schedule.decay_tokens, schedule.start) == ("warmup_stable_decay", 0, 1)
     assert recipe.data.mlm_mask_ratio == 0.30
     assert (recipe.data.chunking, recipe.data.mlm_masking) == ("ettin", "bernoulli")
-    # Sized for 64 chips: microbatches that split over every chip.
+    # Sized for 64 chips: microbatches that split over every chip; after batch warmup the full
+    # batch (2880 rows at the assumed fill) runs in pieces as large as a chip holds
+    # (docs/benchmarks.md): at once up to 400m, 1b in 3 microbatches of 15 rows per chip.
     assert train.microbatch_size % 64 == 0
+    assert microbatch_rows(2880, train.microbatch_size, train.max_microbatch_size) == (
+        960 if size == "1b" else 2880)
     # Phases 2 and 3 (../shared/ettin_reference.md section 2), each from the one before.
     pretrain, extension, decay = recipe.phases
     assert (pretrain.name, pretrain.kind, pretrain.train, pretrain.schedule) == \
@@ -331,7 +339,7 @@ def test_ettin_recipes_hold_the_papers_numbers(size):
                 phase.schedule.start, phase.schedule.floor) == (0, "1-sqrt", None, start, floor)
         assert (phase.train.batch_warmup_tokens, phase.optimizer, phase.optimizer_state) == \
             (0, recipe.optimizer, "keep")
-        assert phase.train.microbatch_size % 64 == 0
+        assert phase.train.microbatch_size % 64 == 0 and phase.train.max_microbatch_size is None
 
 
 @pytest.mark.parametrize("size", ETTIN_PHASE_1)
@@ -364,6 +372,10 @@ def test_cross_objective_recipes_hold_the_papers_schedule(size, direction):
     assert (recipe.model.dtype, recipe.model.precision) == ("bfloat16", "autocast")
     if mask is not None:
         assert recipe.data.mlm_mask_ratio == mask
+    # Batch warmup by 1 row of 7999 tokens per chip; after it the ~320-row batch at once where
+    # 5 rows per chip fit (docs/benchmarks.md, phase 2 at 5 rows per chip).
+    assert (recipe.train.microbatch_size, recipe.train.max_microbatch_size) == (
+        64, None if size in ("400m", "1b") else 320)
 
 
 def test_a_phase_changes_one_members_model_only_there(tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipelines.microbatches import MicrobatchQueue, join_microbatches, split_microbatches
+from data_pipelines.microbatches import (MicrobatchQueue, join_microbatches, microbatch_rows,
+                                         split_microbatches)
 from ettin_jax.config.schema import TrainConfig
 from ettin_jax.training.schedules import batch_size_schedule
 
@@ -45,6 +46,27 @@ def _microbatch_ids(batch, count):
     """The first id of each row of each of the batch's `count` microbatches."""
     split = split_microbatches(batch, count)
     return [tuple(split["input_ids"][i][:, 0] // 10) for i in range(count)]
+
+
+@pytest.mark.parametrize("rows, size, most, expected", [
+    (12, None, None, None),  # no microbatches: one piece
+    (12, 2, None, 2),        # no cap: microbatch_size
+    (12, 2, 8, 6),           # 6 microbatches of 2 -> 2 of 6 (4 x 2 does not divide 12)
+    (12, 2, 12, 12),         # the whole batch fits
+    (14, 2, 12, 2),          # 7 microbatches, a prime: no merge fits
+    (2880, 192, 960, 960),   # ettin-1b's phase 1: 15 x 192 -> 3 x 960
+    (2880, 320, 2879, 960),  # 9 x 320: 3 x 960, not 4.5 x 320
+    (8, 4, 5, 4),            # the cap below twice the size
+])
+def test_microbatch_rows_are_the_fewest_whole_microbatches_that_fit(rows, size, most, expected):
+    assert microbatch_rows(rows, size, most) == expected
+    if expected:
+        assert rows % expected == 0 and expected % size == 0 and expected <= (most or size)
+
+
+def test_microbatch_rows_refuse_a_batch_of_partial_microbatches():
+    with pytest.raises(ValueError, match="a batch of 10 rows is not whole microbatches of 4"):
+        microbatch_rows(10, 4, 8)
 
 
 def test_queue_serves_every_microbatch_once_in_order_and_resumes_anywhere(rng):

@@ -89,6 +89,35 @@ def test_steps_between_looks_transfer_nothing_but_the_batch(tmp_path, monkeypatc
                              mesh=_mesh())
 
 
+def test_larger_microbatches_after_warmup_train_the_same_run(tmp_path, monkeypatch):
+    """train.max_microbatch_size changes how many rows are in flight, not the run: through
+    batch-size warmup (2, 4, 6 and 8 rows; 4 and 8 now run in pieces of 4 rows) the losses,
+    gradient norms and rows equal those of microbatches of 2 rows (summed in another order)."""
+    import ettin_jax.training.step as step_module
+    from ettin_jax.training.trainer import train_member
+
+    pieces = []  # (batch rows, microbatch rows) of every step traced
+    unpatched = step_module.microbatch_rows
+
+    def recorded(rows, size, most=None):
+        pieces.append((rows, unpatched(rows, size, most)))
+        return pieces[-1][1]
+
+    monkeypatch.setattr(step_module, "microbatch_rows", recorded)
+    runs, split = {}, {}
+    for name, extra in [("small", []), ("large", ["train.max_microbatch_size=4"])]:
+        recipe = load_recipe(TINY, [*WARMUP, "logging.every_steps=1", *extra])
+        pieces.clear()
+        train_member(recipe, "clm", tmp_path / name, tokenizer=ByteTokenizer(), mesh=_mesh())
+        runs[name], split[name] = read_metrics(tmp_path / name), dict(pieces)
+    assert split == {"small": {2: 2, 4: 2, 6: 2, 8: 2}, "large": {2: 2, 4: 4, 6: 2, 8: 4}}
+    small, large = runs["small"], runs["large"]
+    assert [r["batch_rows"] for r in large] == [r["batch_rows"] for r in small]
+    assert {2, 4, 6, 8} <= {r["batch_rows"] for r in small}
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in large], [r[key] for r in small], rtol=1e-5)
+
+
 def test_failures_between_looks_stop_the_run_at_the_next_look(tmp_path, monkeypatch):
     """Every step overflows the MLM head's packing (capacity 1): the run looks at step 3 (its
     logging cadence), stops there naming step 1, and saves step 3."""

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ByteTokenizer
@@ -33,13 +34,14 @@ SMALL = ["train.seq_len=64", "train.global_batch_size=8", "logging.every_steps=1
          "model.num_layers=2"]  # small programs: 8-device SPMD compiles dominate on 2 cores
 
 
-def _losses(recipe, objective, mesh, steps=3, microbatch_size=None):
+def _losses(recipe, objective, mesh, steps=3, microbatch_size=None, max_microbatch_size=None):
     """(losses, grad norms) of the first `steps` steps, and the final state."""
     optimizer = make_optimizer(recipe.optimizer)
     state, shardings = init_state(recipe.model, objective, optimizer, mesh, seed=recipe.train.seed)
     step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh,
                               seed=recipe.train.seed, learning_rate=2e-3,
                               microbatch_size=microbatch_size,
+                              max_microbatch_size=max_microbatch_size,
                               mlm_mask_ratio=recipe.data.mlm_mask_ratio)
     batches = make_batch_iterator(recipe.data, seq_len=recipe.train.seq_len,
                                   global_batch_size=recipe.train.global_batch_size,
@@ -70,17 +72,20 @@ def test_first_losses_equal_on_every_mesh(objective):
         assert len(kernel.sharding.device_set) == 8
 
 
-@pytest.mark.parametrize("objective, mesh_shape, rows, microbatch", [
-    ("clm", (1, 1), 8, 2),
-    ("mlm", (2, 4), 16, 8),  # the sparse MLM head, packed per device, on a data x FSDP mesh
+@pytest.mark.parametrize("objective, mesh_shape, rows, microbatch, most", [
+    ("clm", (1, 1), 8, 2, None),
+    ("clm", (1, 1), 8, 2, 4),  # two microbatches of 4 rows, multiples of 2
+    ("mlm", (2, 4), 16, 8, None),  # the sparse MLM head, packed per device, data x FSDP mesh
 ])
-def test_gradient_accumulation_equals_the_full_batch(objective, mesh_shape, rows, microbatch):
+def test_gradient_accumulation_equals_the_full_batch(objective, mesh_shape, rows, microbatch,
+                                                     most):
     recipe = load_recipe(TINY, SMALL + ["model.attention_output_dropout=0.0",
                                         f"train.global_batch_size={rows}"])
     devices = jax.devices()[:mesh_shape[0] * mesh_shape[1]]
     mesh = make_mesh(MeshConfig(*mesh_shape), devices)
     full, full_state = _losses(recipe, objective, mesh)
-    accumulated, acc_state = _losses(recipe, objective, mesh, microbatch_size=microbatch)
+    accumulated, acc_state = _losses(recipe, objective, mesh, microbatch_size=microbatch,
+                                     max_microbatch_size=most)
     np.testing.assert_allclose(accumulated, full, rtol=1e-5)
     np.testing.assert_allclose(acc_state.params["head"]["dense"]["kernel"],
                                full_state.params["head"]["dense"]["kernel"], rtol=1e-4, atol=1e-6)
@@ -444,3 +449,31 @@ def test_dropout_masks_do_not_depend_on_microbatches_or_mesh():
     accumulated, _ = _losses(recipe, "clm", make_mesh(MeshConfig(2, 4)), steps=2,
                              microbatch_size=8)
     np.testing.assert_allclose(accumulated, single, rtol=1e-5)
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+    """Lengths of every lax.scan in a (closed) jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            found.append(eqn.params["length"])
+        for param in eqn.params.values():
+            for inner in (param if isinstance(param, (list, tuple)) else [param]):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _scan_lengths(inner)
+    return found
+
+
+@pytest.mark.parametrize("most, loop", [(None, [4]), (4, [2]), (6, [2]), (8, [])])
+def test_the_step_runs_the_fewest_microbatches_under_max_microbatch_size(most, loop):
+    recipe = load_recipe(TINY, SMALL)
+    mesh = make_mesh(MeshConfig(1, 2), jax.devices()[:2])
+    optimizer = make_optimizer(recipe.optimizer)
+    shardings = init_state_shardings(recipe.model, "clm", optimizer, mesh)
+    state = abstract_state(shardings, recipe.model, "clm", optimizer)
+    batch = {k: jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=batch_sharding(mesh))
+             for k in ("input_ids", "segment_ids", "positions", "labels")}
+    step = sharded_train_step(recipe.model, "clm", optimizer, shardings, mesh, seed=0,
+                              learning_rate=1e-3, microbatch_size=2, max_microbatch_size=most)
+    assert _scan_lengths(jax.make_jaxpr(step)(state, batch).jaxpr) == loop

@@ -50,7 +50,12 @@ class TrainConfig:
     seq_len: tokens per row; seed: the seed of init, dropout and masking (Ettin used 21);
     data_seed: the seed of the document order (null: `seed`; Ettin's cross-objective runs used
     seed 210 with shuffle seed 21); objectives: which members of the pair to train;
-    microbatch_size: rows per gradient accumulation microbatch (None = no accumulation);
+    microbatch_size: rows per gradient accumulation microbatch (None = no accumulation), and
+    the step by which batch warmup grows the batch; max_microbatch_size: the most rows a
+    microbatch may hold (what the chips hold at once; None = microbatch_size): each batch then
+    runs as the fewest whole microbatches of a multiple of microbatch_size rows, so the full
+    batch after warmup takes large pieces while warmup still grows by small ones (the update is
+    the same however the batch is split);
     batch_warmup_tokens: Ettin's batch-size warmup, the batch grows linearly in real tokens
     seen from one microbatch to the full batch over this many tokens, in whole microbatches
     (0 = off; needs microbatch_size); max_nonfinite_steps: updates in a row skipped for a
@@ -70,6 +75,7 @@ class TrainConfig:
     data_seed: int | None = None
     objectives: tuple[Objective, ...] = OBJECTIVES
     microbatch_size: int | None = None
+    max_microbatch_size: int | None = None
     batch_warmup_tokens: int = 0
     max_nonfinite_steps: int = 8
 
@@ -99,6 +105,11 @@ class TrainConfig:
                  f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         _require(self.microbatch_size is None or self.microbatch_size >= 1,
                  f"microbatch_size must be >= 1 or null, got {self.microbatch_size}")
+        _require(self.max_microbatch_size is None or (
+            self.microbatch_size is not None and self.max_microbatch_size >= self.microbatch_size),
+                 f"max_microbatch_size={self.max_microbatch_size} needs microbatch_size set and "
+                 f"at most max_microbatch_size (got {self.microbatch_size}): microbatches are "
+                 f"whole multiples of microbatch_size")
         if self.microbatch_size is not None and self.global_batch_size is not None:
             _require(self.global_batch_size % self.microbatch_size == 0,
                      f"microbatch_size {self.microbatch_size} must divide global_batch_size "

@@ -104,6 +104,7 @@ def compile_step(recipe: Recipe, objective: str, mesh) -> Any:
     step = sharded_train_step(recipe.model, objective, optimizer, shardings, mesh, seed=0,
                               learning_rate=recipe.optimizer.learning_rate,
                               microbatch_size=train.microbatch_size,
+                              max_microbatch_size=train.max_microbatch_size,
                               mlm_mask_ratio=recipe.data.mlm_mask_ratio)
     return step.lower(state, batch).compile()
 

@@ -69,6 +69,7 @@ def make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params
              for batch in heldout_batches(recipe, objective, tokenizer, batches=batches)]
     step = jax.jit(make_eval_step(
         model_graph(recipe.model, objective), microbatch_size=train.microbatch_size,
+        max_microbatch_size=train.max_microbatch_size,
         compute_shardings=jax.tree.map(compute_sharding, params_sharding),
         mlm_mask_ratio=EVAL_MLM_MASK_RATIO if objective == "mlm" else None,
         sharded_over=kernel_sharding(mesh)), in_shardings=(params_sharding, rows))

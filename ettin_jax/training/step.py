@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from data_pipelines.microbatches import split_microbatches
+from data_pipelines.microbatches import microbatch_rows, split_microbatches
 from ettin_jax.models import ModelConfig
 from ettin_jax.models.config import Objective
 from ettin_jax.training.losses import Batch, Sums, loss_sums
@@ -58,6 +58,7 @@ LearningRate = Callable[[jax.Array], jax.Array] | float
 
 def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
                     seed: int, learning_rate: LearningRate, microbatch_size: int | None = None,
+                    max_microbatch_size: int | None = None,
                     mlm_mask_ratio: float | None = None,
                     param_shardings: Params | None = None,
                     gather_dtypes: Params | None = None) -> Callable:
@@ -68,9 +69,12 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
     phase's real tokens before this batch; or a constant. The step adds the batch's real tokens
     to that count, so the host never has to send a learning rate or read a token count.
 
-    A batch of R rows runs as R / microbatch_size microbatches (the layout of
-    `data_pipelines.microbatches`; None: one), decided from its static shape, so batch-size
-    warmup feeds growing batches of whole microbatches to the same function.
+    A batch of R rows runs as whole microbatches (the layout of `data_pipelines.microbatches`;
+    microbatch_size None: one piece): as few as fit, each a multiple of microbatch_size of at
+    most max_microbatch_size rows (`microbatch_rows`; None: microbatch_size rows each), decided
+    from its static shape, so batch-size warmup feeds growing batches of whole microbatches to
+    the same function and the full batch runs in the largest pieces a chip holds. The update
+    does not depend on the split (dropout is keyed by row, the loss normalised over the batch).
     `mlm_mask_ratio`: the MLM head on the packed masked tokens (`loss_sums`). With
     `param_shardings` (the parameters' storage NamedShardings on one mesh), the gradients are
     computed per device under shard_map (the module docstring); without, in one piece with
@@ -92,14 +96,16 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
         return sums["loss_sum"], sums
 
     def gradients(params, batch, rng):
+        rows = batch["input_ids"].shape[0]
+        size = microbatch_rows(rows, microbatch_size, max_microbatch_size)
         if param_shardings is not None:
             return _per_device_gradients(
                 lambda whole, micro: microbatch_loss(whole, micro, rng), params, batch,
                 param_shardings=param_shardings, gather_dtypes=gather_dtypes,
-                microbatch_size=microbatch_size)
-        batch = dict(batch, **{_ROW: jnp.arange(batch["input_ids"].shape[0])})
+                microbatch_size=size)
+        batch = dict(batch, **{_ROW: jnp.arange(rows)})
         grad = jax.grad(lambda p, micro: microbatch_loss(p, micro, rng), has_aux=True)
-        return _accumulate(lambda micro, index: grad(params, micro), batch, microbatch_size)
+        return _accumulate(lambda micro, index: grad(params, micro), batch, size)
 
     schedule = learning_rate if callable(learning_rate) else (
         lambda tokens: jnp.full((), learning_rate, jnp.float32))
@@ -142,6 +148,7 @@ def make_train_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation
 
 
 def make_eval_step(graph: nnx.GraphDef, *, microbatch_size: int | None = None,
+                   max_microbatch_size: int | None = None,
                    compute_shardings: Params | None = None, mlm_mask_ratio: float | None = None,
                    sharded_over: ShardedOver | None = None) -> Callable:
     """eval_step(params, batch) -> loss sums (no dropout), for held-out evaluation; microbatches,
@@ -153,7 +160,8 @@ def make_eval_step(graph: nnx.GraphDef, *, microbatch_size: int | None = None,
             return _accumulate(
                 lambda micro, index: loss_sums(model, micro, deterministic=True,
                                                dropout_rng=None, mlm_mask_ratio=mlm_mask_ratio),
-                batch, microbatch_size)
+                batch, microbatch_rows(batch["input_ids"].shape[0], microbatch_size,
+                                       max_microbatch_size))
 
     return eval_step
 
@@ -162,16 +170,18 @@ def sharded_train_step(config: ModelConfig, objective: Objective,
                        optimizer: optax.GradientTransformation, shardings: TrainState,
                        mesh: Mesh, *, seed: int, learning_rate: LearningRate,
                        microbatch_size: int | None = None,
+                       max_microbatch_size: int | None = None,
                        mlm_mask_ratio: float | None = None) -> Callable:
     """The train step of `objective`'s model under jax.jit with explicit shardings: the state
     stays on `shardings` and is donated, batch rows are split over every device, gradients are
     computed per device (shard_map; FSDP shards gathered in the compute dtype, gradients
     reduce-scattered per microbatch and reduced over `data` once per step). An MLM
     head runs on each device's packed masked tokens at `mlm_mask_ratio` (None: on every
-    position). `learning_rate`: as in `make_train_step`. One compile per distinct batch
-    shape."""
+    position). `learning_rate` and microbatches: as in `make_train_step`. One compile per
+    distinct batch shape."""
     step = make_train_step(model_graph(config, objective), optimizer, seed=seed,
                            learning_rate=learning_rate, microbatch_size=microbatch_size,
+                           max_microbatch_size=max_microbatch_size,
                            mlm_mask_ratio=mlm_mask_ratio if objective == "mlm" else None,
                            param_shardings=shardings.params,
                            gather_dtypes=gather_dtypes(config, shardings.params))
@@ -297,16 +307,14 @@ def _place(params: Params, shardings: Params | None) -> Params:
 
 def _accumulate(run: Callable[[Batch, jax.Array], object], batch: Batch,
                 microbatch_size: int | None, *, keep_in_loop: bool = False):
-    """Sum of run(microbatch, index) over the batch's microbatches (a scan; one call when
-    the batch is a single microbatch). `keep_in_loop`: the running sum passes an optimization
+    """Sum of run(microbatch, index) over the batch's microbatches of `microbatch_size` rows
+    (which divides the rows: `microbatch_rows`; a scan, one call when the batch is a single
+    microbatch). `keep_in_loop`: the running sum passes an optimization
     barrier each step, so XLA cannot move reductions of run's results out of the loop (its
     while-loop code motion would otherwise accumulate full-size unreduced gradients and
     reduce-scatter them once, at the cost of a full-size fp32 buffer per chip)."""
     rows = batch["input_ids"].shape[0]
     count = rows // microbatch_size if microbatch_size else 1
-    if microbatch_size and rows % microbatch_size:
-        raise ValueError(f"a batch of {rows} rows is not whole microbatches of "
-                         f"{microbatch_size} rows")
     if count == 1:
         return run(batch, jnp.zeros((), jnp.int32))
     split = split_microbatches(batch, count)

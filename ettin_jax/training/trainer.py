@@ -142,6 +142,7 @@ def train_phase(recipe: Recipe, position: Position, objective: Objective, member
         step_fn = sharded_train_step(phase.model, objective, optimizer, shardings, mesh,
                                      seed=train.seed, learning_rate=learning_rate,
                                      microbatch_size=train.microbatch_size,
+                                     max_microbatch_size=train.max_microbatch_size,
                                      mlm_mask_ratio=phase.data.mlm_mask_ratio)
         label = member_dir.name if phase.name == "main" else f"{member_dir.name} {phase.name}"
         state, step = position.state, int(position.state.step)

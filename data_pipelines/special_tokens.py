@@ -8,6 +8,9 @@ vocabulary has them at the end (`MODERNBERT`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,3 +47,19 @@ class SpecialTokens:
 
 PROJECT = SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4)
 MODERNBERT = SpecialTokens(pad=50283, unk=50280, cls=50281, sep=50282, mask=50284)
+
+
+def with_special_tokens(first: Sequence[int], second: Sequence[int] | None,
+                        specials: SpecialTokens, *, objective: str) -> np.ndarray:
+    """The ids a member is given for one text (`first`) or a text pair, as training presents
+    documents and as exported tokenizers add them (the one place this template lives):
+    encoder ("mlm") [CLS] A [SEP] and [CLS] A [SEP] B [SEP]; decoder ("clm") [CLS] A and
+    [CLS] A [SEP] B (no closing [SEP]: a prompt continues). Returns int32 ids."""
+    if objective not in ("mlm", "clm"):
+        raise ValueError(f"objective must be 'mlm' or 'clm', got {objective!r}")
+    parts: list[Sequence[int]] = [[specials.cls], first]
+    if second is not None:
+        parts += [[specials.sep], second]
+    if objective == "mlm":
+        parts.append([specials.sep])
+    return np.concatenate([np.asarray(p, np.int64) for p in parts]).astype(np.int32)

@@ -74,15 +74,23 @@ def override_recipe(recipe: Recipe, overrides: Sequence[str], *, source: str) ->
     return _build_with_overrides(recipe_to_dict(recipe), overrides, source, {})
 
 
+def override_config(config: Any, overrides: Sequence[str], *, source: str) -> Any:
+    """Any config dataclass instance (e.g. a fine-tuning config) with dotted key=value
+    overrides applied and validated as recipe overrides are; `source` names where `config`
+    came from in errors. Raises ConfigError."""
+    return _build_with_overrides(recipe_to_dict(config), overrides, source, {},
+                                 cls=type(config))
+
+
 def _build_with_overrides(raw: RawTree, overrides: Sequence[str], source: str,
-                          lines: Mapping[str, int]) -> Recipe:
+                          lines: Mapping[str, int], *, cls: type = Recipe) -> Any:
     origins: dict[str, str] = {}
     for text in overrides:
         key, value = _parse_override(text)
         _set_path(raw, key, value, text)
         _clear_exclusive_sibling(raw, key)
         origins[key] = f"override {text!r}"
-    return build_dataclass(Recipe, raw, key="", where=_Where(source, origins, lines))
+    return build_dataclass(cls, raw, key="", where=_Where(source, origins, lines))
 
 
 def recipe_from_preset(name: str, overrides: Sequence[str] = ()) -> Recipe:

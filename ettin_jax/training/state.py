@@ -44,7 +44,13 @@ def model_graph(config: ModelConfig, objective: Objective) -> nnx.GraphDef:
 
 def params_shardings(config: ModelConfig, objective: Objective, mesh: Mesh) -> Params:
     """NamedSharding of every parameter (pure dict), from its logical axes and the rules."""
-    abstract = nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0)))
+    return module_shardings(
+        nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0))), mesh)
+
+
+def module_shardings(abstract: nnx.Module, mesh: Mesh) -> Params:
+    """NamedSharding of every parameter (pure dict) of any module built from the model's
+    layers (`abstract`: from nnx.eval_shape), from its logical axes and the rules."""
     state = nnx.state(abstract)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     shapes = nnx.to_pure_dict(state)

@@ -229,6 +229,43 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from ettin_jax.finetune.config import finetune_config
+    from ettin_jax.finetune.tasks import resolve_task
+    from ettin_jax.finetune.trainer import finetune, source_members
+
+    if args.seeds < 1:
+        args.parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    _enable_compilation_cache(args)
+    from ettin_jax.training.distributed import initialize
+
+    initialize(cpu_devices=args.cpu_devices)
+    task = resolve_task(args.task)
+    config = finetune_config(task, args.overrides)
+    run_dir = args.run_dir or args.source
+    for member in [args.member] if args.member else source_members(args.source):
+        summary = finetune(args.source, task, config, member=member, run_dir=run_dir,
+                           seeds=args.seeds)
+        stats = summary.summary[summary.headline]
+        spread = (f" ± {stats['std']:.4f} (median {stats['median']:.4f}, {stats['n']} seeds)"
+                  if stats["n"] > 1 else "")
+        others = ", ".join(f"{name} {value['mean']:.4f}" for name, value in
+                           summary.summary.items() if name != summary.headline)
+        where = Path(run_dir) / "finetune" / task.name / member
+        print(f"{task.name} {member}: {summary.headline} {stats['mean']:.4f}{spread}"
+              f"{'; ' + others if others else ''} ({where})")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from ettin_jax.report import compare_runs
+
+    report = compare_runs(args.run_dirs, args.out)
+    print(report.text, end="")
+    print(f"report: {report.markdown}, chart: {report.chart}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from ettin_jax.plotting import plot_run
 
@@ -372,6 +409,42 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="FILE.png")
     plot.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis")
     plot.set_defaults(run=_plot, parser=plot)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune both members on a classification or regression task",
+        description="Fine-tune the encoder and the decoder of SOURCE (a run directory, a member "
+        "or step directory, or a HuggingFace directory) on TASK with the same settings, over "
+        "--seeds seeds, into RUN_DIR/finetune/<task>/<member>/seed<k> (checkpoints, "
+        "metrics.jsonl, results.json, hf/), and summarise the seeds in "
+        "RUN_DIR/finetune/<task>/<member>/summary.json. Rerunning resumes.",
+    )
+    finetune.add_argument("source", metavar="SOURCE")
+    finetune.add_argument("--task", required=True, help="a GLUE task (cola, sst2, mrpc, qqp, "
+                          "stsb, mnli, qnli, rte), the bundled task, or a task file")
+    finetune.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="settings, e.g. learning_rate=3e-5 epochs=2 pooling=mean")
+    finetune.add_argument("--member", choices=("encoder", "decoder"),
+                          help="only this member (default: every member SOURCE holds)")
+    finetune.add_argument("--seeds", type=int, default=1, help="runs with seeds seed, "
+                          "seed + 1, ... (default 1)")
+    finetune.add_argument("--run-dir", metavar="DIR", help="where finetune/ goes (default: "
+                          "SOURCE)")
+    finetune.add_argument("--cpu-devices", type=int,
+                          help="run on N fake CPU devices (tests and debugging)")
+    _add_compilation_cache_option(finetune)
+    finetune.set_defaults(run=_finetune, parser=finetune)
+
+    compare = commands.add_parser(
+        "compare", help="encoder vs decoder: pretraining and fine-tuning side by side",
+        description="One report of encoder against decoder over RUN_DIRs (several: across "
+        "sizes): held-out pretraining metrics and every fine-tuned task (mean, spread and "
+        "median over seeds), as Markdown and a PNG chart in RUN_DIR/report/ (the first "
+        "RUN_DIR's, or --out).",
+    )
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", metavar="DIR", help="report folder (default: "
+                         "RUN_DIR/report of the first)")
+    compare.set_defaults(run=_compare, parser=compare)
 
     export = commands.add_parser(
         "export",

@@ -19,11 +19,11 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ettin_jax.config.schema import MEMBERS
 from ettin_jax.errors import MetricsError
 from ettin_jax.finetune.results import TaskSummary, read_summaries
 from ettin_jax.training.metrics import METRICS_FILE, read_metrics_file
 
-MEMBERS = ("encoder", "decoder")
 REPORT_DIR = "report"
 MARKDOWN_FILE = "report.md"
 CHART_FILE = "report.png"

@@ -25,6 +25,7 @@ from typing import Any
 
 from data_pipelines.special_tokens import MODERNBERT, SpecialTokens
 from ettin_jax.errors import CheckpointError
+from ettin_jax.models.classification import EXPORTABLE_POOLINGS, HeadConfig
 from ettin_jax.models.config import ModelConfig, Objective
 
 MODEL_TYPES: dict[Objective, str] = {"mlm": "modernbert", "clm": "modernbert-decoder"}
@@ -210,3 +211,130 @@ def _special_tokens(hf: dict[str, Any], vocab_size: int, fail) -> SpecialTokens:
         MODERNBERT.pad, MODERNBERT.cls, MODERNBERT.sep)
     extra = {"mask": MODERNBERT.mask, "unk": MODERNBERT.unk} if modernbert_layout else {}
     return SpecialTokens(**ids, **extra)
+
+
+# --- Sequence classification (`ettin_jax.models.classification`) ---------------------------
+
+CLASSIFIER_ARCHITECTURES: dict[Objective, str] = {
+    "mlm": "ModernBertForSequenceClassification",
+    "clm": "ModernBertDecoderForSequenceClassification",
+}
+# transformers' problem types (they choose the loss; the network is the same for all three).
+PROBLEM_TYPES: tuple[str, ...] = ("single_label_classification", "multi_label_classification",
+                                  "regression")
+
+
+def default_problem_type(num_labels: int) -> str:
+    """What transformers assumes for integer labels: "regression" for one output, else
+    "single_label_classification"."""
+    return "regression" if num_labels == 1 else "single_label_classification"
+
+
+def to_hf_classifier_config(
+    config: ModelConfig,
+    objective: Objective,
+    special_tokens: SpecialTokens,
+    head: HeadConfig,
+    *,
+    id2label: dict[int, str] | None = None,
+    problem_type: str | None = None,
+) -> dict[str, Any]:
+    """The config.json dict of transformers' sequence-classification class for this member:
+    `to_hf_config`'s fields with the classification architecture, id2label / label2id
+    (default LABEL_i), problem_type (default `default_problem_type`), classifier_dropout,
+    classifier_bias False, and for the encoder classifier_pooling.
+
+    Raises ValueError naming the value for a pooling transformers cannot express (the decoder's
+    "mean"), id2label not covering exactly 0..num_labels-1 with distinct names, or an unknown
+    problem_type ("regression" with several outputs is allowed, as in transformers).
+    """
+    if head.pooling not in EXPORTABLE_POOLINGS[objective]:
+        raise ValueError(
+            f"pooling {head.pooling!r} of the {objective!r} member has no transformers "
+            f"equivalent ({CLASSIFIER_ARCHITECTURES[objective]} supports "
+            f"{', '.join(EXPORTABLE_POOLINGS[objective])}); it cannot be exported")
+    if id2label is None:
+        id2label = {i: f"LABEL_{i}" for i in range(head.num_labels)}
+    if sorted(id2label) != list(range(head.num_labels)):
+        raise ValueError(f"id2label must name labels 0..{head.num_labels - 1} (num_labels "
+                         f"{head.num_labels}), got ids {sorted(id2label)}")
+    names = [str(id2label[i]) for i in range(head.num_labels)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"id2label names must be distinct, got {names}")
+    problem_type = problem_type or default_problem_type(head.num_labels)
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type must be one of {', '.join(PROBLEM_TYPES)}, "
+                         f"got {problem_type!r}")
+    hf = to_hf_config(config, objective, special_tokens)
+    hf.update({
+        "architectures": [CLASSIFIER_ARCHITECTURES[objective]],
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)},
+        "problem_type": problem_type,
+        "classifier_dropout": head.classifier_dropout,
+        "classifier_bias": False,
+    })
+    if objective == "mlm":
+        hf["classifier_pooling"] = head.pooling
+    return hf
+
+
+def from_hf_classifier_config(
+    hf: dict[str, Any], *, source: str
+) -> tuple[ModelConfig, Objective, SpecialTokens, HeadConfig, dict[int, str], str]:
+    """(architecture, objective, special tokens, head, id2label, problem_type) of a
+    sequence-classification config.json, as `from_hf_config` reads the backbone.
+
+    num_labels comes from id2label (else `num_labels`, else transformers' default 2), pooling
+    from classifier_pooling (encoder, default "cls"; the decoder always pools "last"),
+    problem_type from the file or `default_problem_type`. Raises CheckpointError naming the
+    field for an architecture other than a ModernBERT sequence classifier, classifier_bias
+    true, an unknown pooling or problem type, or a malformed id2label.
+    """
+    def fail(field: str, message: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {field}: {message}")
+
+    config, objective, special_tokens = from_hf_config(hf, source=source)
+    architectures = hf.get("architectures") or []
+    if architectures and CLASSIFIER_ARCHITECTURES[objective] not in architectures:
+        raise fail("architectures", f"{architectures} is not a sequence classifier; expected "
+                                    f"{CLASSIFIER_ARCHITECTURES[objective]} (a plain member "
+                                    f"export starts a classifier through "
+                                    f"classifier_from_backbone)")
+    if hf.get("classifier_bias", False) not in (False, 0):
+        raise fail("classifier_bias", f"unsupported value {hf['classifier_bias']!r}; "
+                                      f"supported: False (no bias in the head's dense)")
+    id2label = _id2label(hf, fail)
+    pooling = "last"
+    if objective == "mlm":
+        pooling = hf.get("classifier_pooling", "cls")
+        if pooling not in ("cls", "mean"):
+            raise fail("classifier_pooling", f"unsupported value {pooling!r}; supported: "
+                                             f"'cls', 'mean'")
+    problem_type = hf.get("problem_type") or default_problem_type(len(id2label))
+    if problem_type not in PROBLEM_TYPES:
+        raise fail("problem_type", f"unsupported value {problem_type!r}; supported: "
+                                   f"{', '.join(PROBLEM_TYPES)}")
+    try:
+        head = HeadConfig(num_labels=len(id2label), pooling=pooling,
+                          classifier_dropout=float(hf.get("classifier_dropout", 0.0)))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    return config, objective, special_tokens, head, id2label, problem_type
+
+
+def _id2label(hf: dict[str, Any], fail) -> dict[int, str]:
+    """{label id: name} from id2label (JSON keys are strings), else LABEL_i for num_labels."""
+    raw = hf.get("id2label")
+    if raw is None:
+        num_labels = hf.get("num_labels", 2)
+        if not isinstance(num_labels, int) or num_labels < 1:
+            raise fail("num_labels", f"must be a positive integer, got {num_labels!r}")
+        return {i: f"LABEL_{i}" for i in range(num_labels)}
+    try:
+        id2label = {int(k): str(v) for k, v in dict(raw).items()}
+    except (TypeError, ValueError):
+        raise fail("id2label", f"must map label ids to names, got {raw!r}") from None
+    if sorted(id2label) != list(range(len(id2label))) or not id2label:
+        raise fail("id2label", f"must name labels 0..n-1, got ids {sorted(id2label)}")
+    return dict(sorted(id2label.items()))

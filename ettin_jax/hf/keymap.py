@@ -8,6 +8,7 @@ encoder and `lm_head.*` for the decoder. `decoder.weight` is tied to the token e
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -93,14 +94,37 @@ def key_rules(config: ModelConfig, objective: Objective) -> list[KeyRule]:
     return rules
 
 
+def classifier_key_rules(config: ModelConfig, objective: Objective) -> list[KeyRule]:
+    """Every native parameter of an `EttinClassifier` (ettin_jax.models.classification) with
+    its HF name in transformers' `ModernBertForSequenceClassification` /
+    `ModernBertDecoderForSequenceClassification`: the backbone's `key_rules` under
+    ("backbone", ...) without the vocabulary head, then `head.dense`, `head.norm` and
+    `classifier.weight`, plus `classifier.bias` for the encoder (the decoder's classifier has a
+    bias only with `classifier_bias`, which ModernBERT configs leave False)."""
+    rules = [dataclasses.replace(rule, native=("backbone", *rule.native))
+             for rule in key_rules(config, objective)
+             if rule.native[0] not in ("head", "decoder_bias")]
+    rules += [
+        _transposed("head.dense.weight", ("head", "dense", "kernel")),
+        _same("head.norm.weight", ("head", "norm", "scale")),
+        _transposed("classifier.weight", ("classifier", "kernel")),
+    ]
+    if objective == "mlm":
+        rules.append(_same("classifier.bias", ("classifier", "bias")))
+    return rules
+
+
 TIED_HF_NAMES: tuple[str, ...] = ("decoder.weight",)
 
 
 def hf_shapes(native_shapes: dict[NativePath, tuple[int, ...]], config: ModelConfig,
-              objective: Objective) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape, from native parameter shapes (abstractly: nothing allocated)."""
+              objective: Objective, *, rules: list[KeyRule] | None = None
+              ) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, from native parameter shapes (abstractly: nothing allocated).
+    `rules` defaults to `key_rules(config, objective)` (a classifier passes
+    `classifier_key_rules`)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for rule in key_rules(config, objective):
+    for rule in key_rules(config, objective) if rules is None else rules:
         native = jax.ShapeDtypeStruct(native_shapes[rule.native], np.float32)
         for name, out in zip(rule.hf_names, jax.eval_shape(rule.to_hf, native)):
             shapes[name] = tuple(out.shape)
@@ -130,14 +154,16 @@ def check_hf_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tupl
 
 
 def to_hf_tensors(
-    params: dict[NativePath, np.ndarray], config: ModelConfig, objective: Objective
+    params: dict[NativePath, np.ndarray], config: ModelConfig, objective: Objective, *,
+    rules: list[KeyRule] | None = None,
 ) -> dict[str, np.ndarray]:
     """HF state dict (numpy, [out, in]) from a flat native param dict {path: array}.
 
-    Raises ValueError naming a native parameter the map expects and `params` lacks, or one the
-    map would drop: every parameter is written.
+    `rules` defaults to `key_rules(config, objective)`. Raises ValueError naming a native
+    parameter the map expects and `params` lacks, or one the map would drop: every parameter
+    is written.
     """
-    rules = key_rules(config, objective)
+    rules = key_rules(config, objective) if rules is None else rules
     mapped = {rule.native for rule in rules}
     dropped = sorted(".".join(map(str, p)) for p in set(params) - mapped)
     if dropped:
@@ -152,15 +178,17 @@ def to_hf_tensors(
 
 
 def from_hf_tensors(
-    tensors: dict[str, np.ndarray], config: ModelConfig, objective: Objective
+    tensors: dict[str, np.ndarray], config: ModelConfig, objective: Objective, *,
+    rules: list[KeyRule] | None = None,
 ) -> dict[NativePath, np.ndarray]:
     """Flat native param dict {path: array} from an HF state dict (inverse of `to_hf_tensors`).
 
-    Check names and shapes first with `check_hf_tensors`; raises ValueError naming the first
-    HF tensor the map needs and `tensors` lacks.
+    `rules` defaults to `key_rules(config, objective)`. Check names and shapes first with
+    `check_hf_tensors`; raises ValueError naming the first HF tensor the map needs and
+    `tensors` lacks.
     """
     params: dict[NativePath, np.ndarray] = {}
-    for rule in key_rules(config, objective):
+    for rule in key_rules(config, objective) if rules is None else rules:
         missing = [name for name in rule.hf_names if name not in tensors]
         if missing:
             raise ValueError(f"HF tensor {missing[0]} is missing")

@@ -101,9 +101,11 @@ def test_export_matches_transformers_and_imports_back(objective, pooling, num_la
     id2label = None if num_labels == 1 else {i: f"class-{i}" for i in range(num_labels)}
     save_classifier(classifier, tmp_path, special_tokens=special, id2label=id2label)
 
-    reference = AutoModelForSequenceClassification.from_pretrained(
-        tmp_path, attn_implementation="eager").eval()
+    reference, loading = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, attn_implementation="eager", output_loading_info=True)
+    reference.eval()
     assert type(reference) is CLASSES[objective]
+    assert not any(loading.values()), loading  # every tensor read, none left to init
     assert reference.num_labels == num_labels
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["problem_type"] == ("regression" if num_labels == 1

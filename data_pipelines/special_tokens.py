@@ -54,7 +54,13 @@ def with_special_tokens(first: Sequence[int], second: Sequence[int] | None,
     """The ids a member is given for one text (`first`) or a text pair, as training presents
     documents and as exported tokenizers add them (the one place this template lives):
     encoder ("mlm") [CLS] A [SEP] and [CLS] A [SEP] B [SEP]; decoder ("clm") [CLS] A and
-    [CLS] A [SEP] B (no closing [SEP]: a prompt continues). Returns int32 ids."""
+    [CLS] A [SEP] B (no closing [SEP]: a prompt continues). Returns int32 ids.
+
+    The decoder's single text follows Ettin's published decoders: through transformers,
+    jhu-clsp/ettin-decoder-* tokenizers prepend [CLS] as BOS and append no [SEP]
+    (huggingface/tokenizers#1828; the authors wanted "the BOS token always ... [but not] the
+    EOS token", transformers#35946), although the raw tokenizer.json still appends [SEP]. No
+    published source shows their pair layout; [SEP] between the texts is ours."""
     if objective not in ("mlm", "clm"):
         raise ValueError(f"objective must be 'mlm' or 'clm', got {objective!r}")
     parts: list[Sequence[int]] = [[specials.cls], first]

@@ -10,6 +10,11 @@ token's literal text in the input ("[MASK]") encodes to its id, as transformers 
 ids: for SentencePiece, `tokenizer.model` plus a `tokenizer_config.json` naming the
 `SentencePieceBackend` class (the fast converters of transformers 5 mis-tokenize such models,
 see ../shared/ettin_reference.md section 4); for HF tokenizers, `tokenizer.json` as it is.
+`save(DIR, objective=...)` (what model exports write) adds special tokens as the member sees
+them (`special_tokens.with_special_tokens`) through a `tokenizer.json` whose post-processor is
+built from that function: transformers 5 loads every ModernBERT directory with its
+`tokenizers`-backed class whatever `tokenizer_config.json` names, so a SentencePiece model is
+also written as an equivalent `tokenizer.json` (`sentencepiece_tokenizer_json`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from data_pipelines.special_tokens import SpecialTokens
+from data_pipelines.special_tokens import SpecialTokens, with_special_tokens
 
 SPECIAL_TOKEN_TEXT: dict[str, str] = {
     "pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]",
@@ -100,14 +105,40 @@ class Tokenizer:
         """The vocabulary entry of `token_id`."""
         raise NotImplementedError
 
-    def save(self, directory: str | Path) -> tuple[str, ...]:
-        """Writes the tokenizer for ettin-jax and transformers (`FILE` plus the configuration
-        files naming `HF_CLASS` and the special tokens); returns the file names."""
+    def save(self, directory: str | Path, *, objective: str | None = None) -> tuple[str, ...]:
+        """Writes the tokenizer for ettin-jax and transformers; returns the file names.
+
+        Without `objective`: `FILE` plus the configuration files naming `HF_CLASS` and the
+        special tokens; transformers adds no special tokens. With `objective` ("mlm" or "clm",
+        for a model directory): also `tokenizer.json` with the post-processor of
+        `special_tokens_post_processor`, so that `AutoTokenizer(DIR)(text)` and
+        `(text_a, text_b)` give `with_special_tokens(...)` of our ids; ettin-jax still reads
+        `FILE` (a SentencePiece model keeps precedence over tokenizer.json in `load_tokenizer`).
+        Raises TokenizerError, before writing anything, when this tokenizer has no
+        tokenizer.json equivalent (`sentencepiece_tokenizer_json`).
+        """
+        tokenizer_json = None if objective is None else self.hf_tokenizer_json(objective)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         data = self._data if self.BINARY else self._data.encode("utf-8")
         (directory / self.FILE).write_bytes(data)
-        return (self.FILE, *self._write_hf_config(directory, self.HF_CLASS))
+        if tokenizer_json is None:
+            return (self.FILE, *self._write_hf_config(directory, self.HF_CLASS))
+        (directory / HF_TOKENIZER_FILE).write_text(tokenizer_json)
+        written = dict.fromkeys((self.FILE, HF_TOKENIZER_FILE))  # ordered, without repeats
+        return (*written, *self._write_hf_config(directory, "PreTrainedTokenizerFast"))
+
+    def hf_tokenizer_json(self, objective: str) -> str:
+        """A HuggingFace `tokenizer.json` encoding like this tokenizer and adding the special
+        tokens of `objective` ("mlm" or "clm") the way `with_special_tokens` does."""
+        from tokenizers import Tokenizer as RustTokenizer
+
+        rust = RustTokenizer.from_str(self._base_tokenizer_json())
+        rust.post_processor = special_tokens_post_processor(self.special_tokens, objective)
+        return rust.to_str(pretty=True)
+
+    def _base_tokenizer_json(self) -> str:
+        raise NotImplementedError
 
     def _encode_plain(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -119,11 +150,45 @@ class Tokenizer:
 
     def _write_hf_config(self, directory: Path, tokenizer_class: str) -> tuple[str, ...]:
         tokens = {hf: SPECIAL_TOKEN_TEXT[name] for hf, name in _HF_SPECIAL_NAMES.items()}
+        # No add_bos_token / add_eos_token: transformers would replace tokenizer.json's
+        # post-processor with its own template. ModernBERT takes no token_type_ids.
         config = {"tokenizer_class": tokenizer_class, **tokens,
-                  "model_max_length": 1_000_000_000, "clean_up_tokenization_spaces": False}
+                  "model_max_length": 1_000_000_000, "clean_up_tokenization_spaces": False,
+                  "model_input_names": ["input_ids", "attention_mask"]}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (directory / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n")
         return ("tokenizer_config.json", "special_tokens_map.json")
+
+
+# Stand-ins for the two texts when with_special_tokens is asked for its template: never an id.
+_FIRST, _SECOND = -1, -2
+
+
+def special_tokens_post_processor(specials: SpecialTokens, objective: str):
+    """The `tokenizers` TemplateProcessing that brackets one text or a pair exactly as
+    `with_special_tokens(first, second, specials, objective=objective)` does (the template is
+    read off that function, so the two cannot drift). Type ids are 0 up to the second text and
+    1 from it on. Raises ValueError for an unknown objective."""
+    from tokenizers import processors
+
+    names = {value: SPECIAL_TOKEN_TEXT[name]
+             for name, value in specials.as_dict().items() if value is not None}
+
+    def template(pair: bool) -> tuple[str, list[int]]:
+        ids = with_special_tokens([_FIRST], [_SECOND] if pair else None, specials,
+                                  objective=objective).tolist()
+        pieces, type_id = [], 0
+        for token_id in ids:
+            type_id = 1 if token_id == _SECOND else type_id
+            piece = {_FIRST: "$A", _SECOND: "$B"}.get(token_id) or names[token_id]
+            pieces.append(f"{piece}:{type_id}")
+        return " ".join(pieces), [i for i in ids if i >= 0]
+
+    single, single_ids = template(False)
+    pair, pair_ids = template(True)
+    used = sorted(set(single_ids + pair_ids))
+    return processors.TemplateProcessing(single=single, pair=pair,
+                                         special_tokens=[(names[i], i) for i in used])
 
 
 def _find_specials(lookup, source: str) -> SpecialTokens:
@@ -221,6 +286,65 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str:
         return self._processor.IdToPiece(int(token_id))
 
+    def _base_tokenizer_json(self) -> str:
+        return sentencepiece_tokenizer_json(self._processor)
+
+
+def sentencepiece_tokenizer_json(processor: spm.SentencePieceProcessor) -> str:
+    """A HuggingFace `tokenizer.json` (no post-processor) encoding like `processor`, one of the
+    models `SentencePieceTokenizer.train` writes: identity normalization with a "\u2581" prefix
+    and spaces as "\u2581", byte fallback, the five specials as added tokens.
+
+    BPE: merges ranked by the merged piece's score (SentencePiece merges the best-scored pair,
+    leftmost first); ids agree with SentencePiece's. Unigram: the same pieces and scores; ids
+    agree except where two segmentations tie in score (SentencePiece sums scores in float32,
+    `tokenizers` in float64), e.g. some long runs of spaces made of whitespace-only pieces
+    (45 of 23,363 lines of the bundled held-out text and code differ at vocabulary 2048).
+    Raises TokenizerError for a model with another normalization."""
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as RustTokenizer
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(processor.serialized_model_proto())
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    if (norm.name != "identity" or not norm.add_dummy_prefix or norm.remove_extra_whitespaces
+            or spec.treat_whitespace_as_suffix or not spec.byte_fallback):
+        raise TokenizerError(f"cannot convert this SentencePiece model to tokenizer.json: "
+                             f"normalization {norm.name!r}, add_dummy_prefix "
+                             f"{norm.add_dummy_prefix}, remove_extra_whitespaces "
+                             f"{norm.remove_extra_whitespaces}, byte_fallback "
+                             f"{spec.byte_fallback} (ettin-jax trains identity, True, False, True)")
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    unk = processor.unk_id()
+    if spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+        normal = {p.piece: p.score for p in proto.pieces
+                  if p.type == sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL}
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        merges = sorted(
+            (-score, vocab[piece], cut, (piece[:cut], piece[cut:]))
+            for piece, score in normal.items() for cut in range(1, len(piece))
+            if piece[:cut] in normal and piece[cut:] in normal)
+        model = models.BPE(vocab, [m[-1] for m in merges], unk_token=pieces[unk][0],
+                           byte_fallback=True, fuse_unk=True)
+    elif spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        # SentencePiece never matches a byte piece's text ("<0x41>"); a score far below every
+        # other keeps tokenizers from doing so (an unknown character has one path either way).
+        floor = min(score for _, score in pieces) - 1000.0
+        byte = sentencepiece_model_pb2.ModelProto.SentencePiece.BYTE
+        model = models.Unigram([(p.piece, floor if p.type == byte else p.score)
+                                for p in proto.pieces], unk_id=unk, byte_fallback=True)
+    else:
+        raise TokenizerError(f"cannot convert a SentencePiece model of type "
+                             f"{spec.model_type} to tokenizer.json (only unigram and BPE)")
+    rust = RustTokenizer(model)
+    rust.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                            normalizers.Replace(" ", "\u2581")])
+    rust.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    rust.add_special_tokens([AddedToken(text, normalized=False, special=True)
+                             for text in SPECIAL_TOKEN_TEXT.values()])
+    return rust.to_str()
 
 
 def _cut(line: str) -> Iterable[str]:
@@ -257,6 +381,9 @@ class HFTokenizer(Tokenizer):
 
     def id_to_token(self, token_id: int) -> str:
         return self._tokenizer.id_to_token(int(token_id))
+
+    def _base_tokenizer_json(self) -> str:
+        return self._data
 
 
 

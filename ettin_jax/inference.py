@@ -5,8 +5,9 @@ decoder.
     generate(decoder, tokenizer, "Once upon a time", max_new_tokens=50, temperature=0.8,
              top_p=0.95).text
 
-Text is presented as training presents documents (`data_pipelines.packing`): [CLS] first, and
-for the encoder [SEP] last; positions start at 0 at [CLS]. Generation runs the KV cache of
+Text is presented as training presents documents and as exported tokenizers present it in
+transformers (`data_pipelines.special_tokens.with_special_tokens`): [CLS] first, and for the
+encoder [SEP] last; positions start at 0 at [CLS]. Generation runs the KV cache of
 `ettin_jax.models.decoding`: one prefill of the prompt, then one compiled step per token.
 """
 
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipelines.special_tokens import with_special_tokens
 from data_pipelines.tokenizers import SPECIAL_TOKEN_TEXT, Tokenizer, load_tokenizer
 from ettin_jax.errors import CheckpointError
 from ettin_jax.models.decoding import decode_step, init_cache, prefill
@@ -65,7 +67,7 @@ def fill_mask(
     special = tokenizer.special_tokens
     if special.mask is None:
         raise ValueError("the tokenizer has no mask token")
-    ids = np.concatenate([[special.cls], tokenizer.encode(text), [special.sep]]).astype(np.int32)
+    ids = with_special_tokens(tokenizer.encode(text), None, special, objective="mlm")
     positions = np.flatnonzero(ids == special.mask)
     if positions.size == 0:
         raise ValueError(f"the text holds no mask token {MASK_TEXT!r}: {text!r}")
@@ -114,7 +116,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     _check_sampling(temperature, top_k, top_p)
     special = tokenizer.special_tokens
-    prompt_ids = np.concatenate([[special.cls], tokenizer.encode(prompt)]).astype(np.int32)
+    prompt_ids = with_special_tokens(tokenizer.encode(prompt), None, special, objective="clm")
     # The last new token is returned, never fed back: the cache needs one slot less.
     cache = init_cache(model, 1, len(prompt_ids) + max_new_tokens - 1)
     logits, cache = prefill(model, jnp.asarray(prompt_ids[None]), cache)

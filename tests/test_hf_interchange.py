@@ -228,14 +228,20 @@ def test_tokenizer_files_travel_with_the_model(rng, tmp_path):
     model = randomized_model(case_config(HF_CASES[0], rng), "clm", seed=1)
     _write_tokenizer(tmp_path / "tok")
     report = hf.save_pretrained(model, tmp_path / "hf", tokenizer_dir=tmp_path / "tok")
-    assert report.tokenizer_files == ("tokenizer.json",)
+    assert report.tokenizer_files == ("tokenizer.json", "tokenizer_config.json",
+                                      "special_tokens_map.json")
     imported = hf.from_pretrained(tmp_path / "hf")
     assert (imported.special_tokens.mask, imported.special_tokens.unk) == (4, 1)
     import_pretrained(tmp_path / "hf", tmp_path / "native")
     assert (tmp_path / "native" / "tokenizer" / "tokenizer.json").is_file()
     export_checkpoint(tmp_path / "native", tmp_path / "again")
-    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == \
-        (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    # The vocabulary travels unchanged; the export adds the decoder's post-processor, the same
+    # after a round trip through a native checkpoint.
+    again, first = (json.loads((tmp_path / d / "tokenizer.json").read_text())
+                    for d in ("again", "hf"))
+    assert again == first
+    assert first["model"] == json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]
+    assert first["post_processor"]["type"] == "TemplateProcessing"
 
 
 def test_released_modernbert_config_fields_are_read():

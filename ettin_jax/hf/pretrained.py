@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -21,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from data_pipelines.special_tokens import PROJECT, SpecialTokens
 from data_pipelines.tokenizer_files import copy_tokenizer_files, tokenizer_file_names
+from data_pipelines.tokenizers import TokenizerError, load_tokenizer
 from ettin_jax.errors import CheckpointError
 from ettin_jax.files import write_atomically, write_text_atomically
 from ettin_jax.hf.config import from_hf_config, to_hf_config
@@ -109,9 +111,11 @@ def save_pretrained(
     An encoder loads with `AutoModelForMaskedLM` as `ModernBertForMaskedLM`, a decoder with
     `AutoModelForCausalLM` as `ModernBertDecoderForCausalLM`. Special tokens and tokenizer come
     from the arguments, else from a `PretrainedModel`, else the ids of ettin-jax's own
-    tokenizers (`data_pipelines.special_tokens.PROJECT`) without tokenizer files. Weights are
-    written in param_dtype. Guarantees every parameter is written: the tensor elements plus the
-    tied `decoder.weight` equal the model's parameter count, or ValueError.
+    tokenizers (`data_pipelines.special_tokens.PROJECT`) without tokenizer files. The tokenizer
+    is written so that transformers brackets text as this member does
+    (`data_pipelines.special_tokens.with_special_tokens`). Weights are written in param_dtype.
+    Guarantees every parameter is written: the tensor elements plus the tied `decoder.weight`
+    equal the model's parameter count, or ValueError.
     """
     if isinstance(model, PretrainedModel):
         special_tokens = special_tokens or model.special_tokens
@@ -133,8 +137,26 @@ def save_pretrained(
     hf_config = to_hf_config(config, objective, special_tokens)
     write_text_atomically(path / CONFIG_FILE,
                           json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    copied = copy_tokenizer_files(Path(tokenizer_dir), path) if tokenizer_dir else ()
-    return ExportReport(path, len(tensors), elements, model_params, copied)
+    written = _write_tokenizer(Path(tokenizer_dir), path, objective) if tokenizer_dir else ()
+    return ExportReport(path, len(tensors), elements, model_params, written)
+
+
+def _write_tokenizer(source: Path, target: Path, objective: str) -> tuple[str, ...]:
+    """Writes the tokenizer of `source` into the model directory `target` so that transformers
+    adds the member's special tokens (`Tokenizer.save(objective=...)`); a tokenizer ettin-jax
+    cannot read (no tokenizer.model / tokenizer.json, or without our specials) is copied as it
+    is, and one it cannot write as tokenizer.json is copied with a warning. Returns the file
+    names."""
+    try:
+        tokenizer = load_tokenizer(source)
+    except (FileNotFoundError, TokenizerError):
+        return copy_tokenizer_files(source, target)
+    try:
+        return tokenizer.save(target, objective=objective)
+    except TokenizerError as err:  # raised before anything is written
+        warnings.warn(f"{source}: tokenizer copied as it is; transformers will not add special "
+                      f"tokens as ettin-jax does ({err})", stacklevel=3)
+        return copy_tokenizer_files(source, target)
 
 
 def from_pretrained(path: str | Path) -> PretrainedModel:

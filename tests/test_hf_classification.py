@@ -296,3 +296,44 @@ def test_bad_heads_and_directories_are_named(rng, tmp_path):
         {**written, "id2label": {"0": "a", "1": "b", "2": "c"}}))
     with pytest.raises(CheckpointError, match="classifier.weight has shape"):
         load_classifier(tmp_path / "ok")
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_text_pairs_through_the_exported_tokenizer_give_our_logits(objective, tokenizer_dir,
+                                                                   rng, tmp_path):
+    """transformers' AutoTokenizer of the export brackets and pads text pairs as ettin-jax
+    does, and the transformers classifier on its output gives our logits."""
+    from transformers import AutoTokenizer
+
+    from data_pipelines.special_tokens import with_special_tokens
+    from data_pipelines.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    specials = tokenizer.special_tokens
+    config = case_config(HF_CASES[0], rng)
+    pooling = "cls" if objective == "mlm" else "last"
+    classifier = _perturbed(classifier_from_backbone(
+        randomized_model(config, objective, seed=int(rng.integers(1 << 30))),
+        HeadConfig(2, pooling), rngs=nnx.Rngs(int(rng.integers(1 << 30)))),
+        seed=int(rng.integers(1 << 30)))
+    save_classifier(classifier, tmp_path, special_tokens=specials, tokenizer_dir=tokenizer_dir)
+
+    words = "the king is dead long live the queen of all that is".split()
+    pairs = [(" ".join(rng.choice(words, rng.integers(1, 6))),
+              " ".join(rng.choice(words, rng.integers(1, 6)))) for _ in range(3)]
+    rows = [with_special_tokens(tokenizer.encode(a), tokenizer.encode(b), specials,
+                                objective=objective) for a, b in pairs]
+    seq = max(map(len, rows))
+    ids = np.full((len(rows), seq), specials.pad, np.int64)
+    mask = np.zeros((len(rows), seq), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+
+    encoded = AutoTokenizer.from_pretrained(tmp_path)(
+        [a for a, _ in pairs], [b for _, b in pairs], padding=True, return_tensors="np")
+    np.testing.assert_array_equal(encoded["input_ids"], ids)
+    np.testing.assert_array_equal(encoded["attention_mask"], mask)
+    reference = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, attn_implementation="eager").eval()
+    _assert_close(_logits(classifier, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)),
+                  _torch_logits(reference, ids, mask))

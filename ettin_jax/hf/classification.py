@@ -26,7 +26,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from data_pipelines.special_tokens import PROJECT, SpecialTokens
-from data_pipelines.tokenizer_files import copy_tokenizer_files, tokenizer_file_names
+from data_pipelines.tokenizer_files import tokenizer_file_names
 from ettin_jax.errors import CheckpointError
 from ettin_jax.files import write_atomically, write_text_atomically
 from ettin_jax.hf.config import from_hf_classifier_config, to_hf_classifier_config
@@ -42,6 +42,7 @@ from ettin_jax.hf.pretrained import (
     WEIGHTS_FILE,
     _read_safetensors,
     _with_tokenizer_ids,
+    _write_tokenizer,
 )
 from ettin_jax.models.classification import (
     EttinClassifier,
@@ -82,12 +83,14 @@ def save_classifier(
 
     It loads with `AutoModelForSequenceClassification` as `ModernBertForSequenceClassification`
     (encoder) or `ModernBertDecoderForSequenceClassification` (decoder) and gives the same
-    logits. special_tokens default to ettin-jax's own layout (`PROJECT`); tokenizer files are
-    copied from tokenizer_dir when given; id2label defaults to LABEL_i and problem_type to
-    "regression" for one output, else "single_label_classification". Weights are written in
-    param_dtype. Guarantees every parameter is written (tensor elements equal the parameter
-    count). Raises ValueError for a pooling transformers cannot express (the decoder's
-    "mean"), a bad id2label or problem_type, or special-token ids outside the vocabulary.
+    logits. special_tokens default to ettin-jax's own layout (`PROJECT`); the tokenizer of
+    tokenizer_dir, when given, is written as `save_pretrained` writes it (transformers then
+    adds the member's special tokens to a text or a pair as ettin-jax does); id2label
+    defaults to LABEL_i and problem_type to "regression" for one output, else
+    "single_label_classification". Weights are written in param_dtype. Guarantees every
+    parameter is written (tensor elements equal the parameter count). Raises ValueError for a
+    pooling transformers cannot express (the decoder's "mean"), a bad id2label or
+    problem_type, or special-token ids outside the vocabulary.
     """
     config, objective = classifier.config, classifier.objective
     special_tokens = special_tokens or PROJECT
@@ -109,7 +112,7 @@ def save_classifier(
     write_text_atomically(out / CONFIG_FILE,
                           json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if tokenizer_dir:
-        copy_tokenizer_files(Path(tokenizer_dir), out)
+        _write_tokenizer(Path(tokenizer_dir), out, objective)
     return out
 
 

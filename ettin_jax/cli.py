@@ -230,8 +230,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from ettin_jax.finetune.config import finetune_config
-    from ettin_jax.finetune.tasks import resolve_task
+    from ettin_jax.finetune.config import finetune_settings
     from ettin_jax.finetune.trainer import finetune, source_members
 
     if args.seeds < 1:
@@ -240,8 +239,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from ettin_jax.training.distributed import initialize
 
     initialize(cpu_devices=args.cpu_devices)
-    task = resolve_task(args.task)
-    config = finetune_config(task, args.overrides)
+    task, config = finetune_settings(args.task, args.overrides)
     run_dir = args.run_dir or args.source
     for member in [args.member] if args.member else source_members(args.source):
         summary = finetune(args.source, task, config, member=member, run_dir=run_dir,

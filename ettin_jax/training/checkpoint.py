@@ -130,6 +130,17 @@ def restore_weights(path: str | Path, *, step: int | None = None) -> RestoredWei
                            step, step_dir.absolute())
 
 
+def read_objective(path: str | Path) -> Objective:
+    """The objective of the model saved at `path` (a member or step directory, as
+    `restore_weights` takes it), from its metadata alone. Raises CheckpointError as
+    restore_weights does."""
+    member_dir, step = _locate(Path(path), None)
+    with ocp.CheckpointManager(member_dir.absolute() / CHECKPOINTS) as manager:
+        meta = manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+    return _read_meta(meta, member_dir / CHECKPOINTS / str(step))[1]
+
+
 def restore_progress(member_dir: str | Path, step: int) -> dict:
     """The `progress` item of training checkpoint `step` (phase, tokens, data state); {} for a
     checkpoint written by `save_weights` (import, convert)."""

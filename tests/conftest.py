@@ -105,6 +105,15 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory):
+    """A TFDS data_dir holding a real prepared glue/<task> for the eight presets (tiny GLUE
+    files, `glue_copy.prepare_glue_copy`), and what each split holds."""
+    from glue_copy import prepare_glue_copy
+
+    return prepare_glue_copy(tmp_path_factory.mktemp("glue"))
+
+
 # The TPU ahead-of-time compilations run in one subprocess (tests/tpu_aot_jobs.py: libtpu loads
 # once and stays out of the test process), started as soon as the tests are collected so that it
 # compiles on the second core while the first runs other tests.

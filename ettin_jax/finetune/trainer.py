@@ -30,7 +30,7 @@ from flax import nnx
 from data_pipelines.task_data import encode_examples, read_examples
 from ettin_jax.config.loading import recipe_to_dict
 from ettin_jax.config.schema import MEMBERS, CheckpointConfig
-from ettin_jax.errors import CheckpointError
+from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.finetune.config import FinetuneConfig, optimizer_config, sweep_seeds, task_settings
 from ettin_jax.finetune.metrics import compute_metrics, summarize_seeds
 from ettin_jax.finetune.results import (
@@ -49,6 +49,7 @@ from ettin_jax.models.classification import (
     EXPORTABLE_POOLINGS,
     EttinClassifier,
     HeadConfig,
+    check_pooling,
     classifier_from_backbone,
 )
 from ettin_jax.models.transformer import EttinModel
@@ -98,12 +99,16 @@ def finetune(source: str | Path, task: TaskSpec, config: FinetuneConfig, *, memb
     starts RTE, MRPC and STS-B from MNLI) starts seed k from that task's fine-tuned seed k of
     the same member when it is there, else from the pretrained member (and says so).
     Returns the summary. Raises what reading the model or the task data raises
-    (CheckpointError, TaskDataError), and CheckpointError for a seed started with other
-    settings."""
+    (CheckpointError, TaskDataError), ConfigError for a pooling the member does not have, and
+    CheckpointError for a seed started with other settings."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     run_dir = Path(source if run_dir is None else run_dir)
     model, tokenizer = load_model(source, member)
+    try:
+        check_pooling(model.objective, config.pooling_for(model.objective))
+    except ValueError as err:
+        raise ConfigError(f"pooling={config.pooling}: {err}") from None
     data = encode_task(task, tokenizer, objective=model.objective)
     mesh = make_mesh(config.mesh)
     results = []
@@ -194,7 +199,8 @@ def finetune_seed(model: EttinModel, tokenizer, task: TaskSpec, data: TaskData,
             metrics = evaluate(predict, state.params, data, task, config, mesh)
     _export(nnx.merge(graph, jax.device_get(state.params)), tokenizer, data, out)
     result = {"task": task.name, "member": out.parent.name, "seed": seed,
-              "steps": plan.total_steps, "epochs": task.epochs, "metrics": metrics}
+              "steps": plan.total_steps, "epochs": task.epochs,
+              "start_from": settings["start_from"], "metrics": metrics}
     write_json(results_path, result)
     return result
 

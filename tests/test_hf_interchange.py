@@ -213,7 +213,7 @@ def test_export_writes_attention_dropout_zero(objective, rng, tmp_path):
     assert hf.from_pretrained(tmp_path).model.config.attention_output_dropout == 0.0
 
 
-def _write_tokenizer(directory: Path) -> None:
+def write_tokenizer(directory: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {token: i for i, token in enumerate(
@@ -226,7 +226,7 @@ def _write_tokenizer(directory: Path) -> None:
 
 def test_tokenizer_files_travel_with_the_model(rng, tmp_path):
     model = randomized_model(case_config(HF_CASES[0], rng), "clm", seed=1)
-    _write_tokenizer(tmp_path / "tok")
+    write_tokenizer(tmp_path / "tok")
     report = hf.save_pretrained(model, tmp_path / "hf", tokenizer_dir=tmp_path / "tok")
     assert report.tokenizer_files == ("tokenizer.json", "tokenizer_config.json",
                                       "special_tokens_map.json")

@@ -27,7 +27,6 @@ from safetensors.numpy import save_file
 
 from data_pipelines.special_tokens import PROJECT, SpecialTokens
 from data_pipelines.tokenizer_files import tokenizer_file_names
-from ettin_jax.errors import CheckpointError
 from ettin_jax.files import write_atomically, write_text_atomically
 from ettin_jax.hf.config import from_hf_classifier_config, to_hf_classifier_config
 from ettin_jax.hf.keymap import (
@@ -40,9 +39,10 @@ from ettin_jax.hf.keymap import (
 from ettin_jax.hf.pretrained import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    _read_safetensors,
-    _with_tokenizer_ids,
-    _write_tokenizer,
+    read_hf_config,
+    read_safetensors,
+    with_tokenizer_ids,
+    write_tokenizer,
 )
 from ettin_jax.models.classification import (
     EttinClassifier,
@@ -112,7 +112,7 @@ def save_classifier(
     write_text_atomically(out / CONFIG_FILE,
                           json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if tokenizer_dir:
-        _write_tokenizer(Path(tokenizer_dir), out, objective)
+        write_tokenizer(Path(tokenizer_dir), out, objective)
     return out
 
 
@@ -126,33 +126,19 @@ def load_classifier(path: str | Path) -> tuple[EttinClassifier, ClassifierMetada
     the architecture cannot represent.
     """
     path = Path(path)
-    hf_config = _read_config(path)
+    hf_config = read_hf_config(path)
     config, objective, special_tokens, head, id2label, problem_type = (
         from_hf_classifier_config(hf_config, source=str(path / CONFIG_FILE)))
     rules = classifier_key_rules(config, objective)
-    tensors = _read_safetensors(path)
+    tensors = read_safetensors(path)
     expected = hf_shapes(classifier_parameter_shapes(config, objective, head), config,
                          objective, rules=rules)
     check_hf_tensors({k: t.shape for k, t in tensors.items()}, expected, source=str(path))
     params = from_hf_tensors({k: np.asarray(t, np.float32) for k, t in tensors.items()},
                              config, objective, rules=rules)
     tokenizer_dir = path if tokenizer_file_names(path) else None
-    metadata = ClassifierMetadata(_with_tokenizer_ids(special_tokens, tokenizer_dir), id2label,
+    metadata = ClassifierMetadata(with_tokenizer_ids(special_tokens, tokenizer_dir), id2label,
                                   problem_type, tokenizer_dir)
     return classifier_from_params(config, objective, head, params), metadata
 
 
-def _read_config(path: Path) -> dict:
-    """config.json of the directory `path` as a dict; CheckpointError naming what is wrong."""
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"{path}: no {CONFIG_FILE}; not a HuggingFace model directory")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_path}: invalid JSON: {err}") from None
-    if not isinstance(hf_config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
-    return hf_config

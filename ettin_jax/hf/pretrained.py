@@ -137,11 +137,11 @@ def save_pretrained(
     hf_config = to_hf_config(config, objective, special_tokens)
     write_text_atomically(path / CONFIG_FILE,
                           json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    written = _write_tokenizer(Path(tokenizer_dir), path, objective) if tokenizer_dir else ()
+    written = write_tokenizer(Path(tokenizer_dir), path, objective) if tokenizer_dir else ()
     return ExportReport(path, len(tensors), elements, model_params, written)
 
 
-def _write_tokenizer(source: Path, target: Path, objective: str) -> tuple[str, ...]:
+def write_tokenizer(source: Path, target: Path, objective: str) -> tuple[str, ...]:
     """Writes the tokenizer of `source` into the model directory `target` so that transformers
     adds the member's special tokens (`Tokenizer.save(objective=...)`); a tokenizer ettin-jax
     cannot read (no tokenizer.model / tokenizer.json, or without our specials) is copied as it
@@ -168,6 +168,29 @@ def from_pretrained(path: str | Path) -> PretrainedModel:
     config value the architecture cannot represent.
     """
     path = Path(path)
+    hf_config = read_hf_config(path)
+    config_path = path / CONFIG_FILE
+    config, objective, special_tokens = from_hf_config(hf_config, source=str(config_path))
+
+    tensors = read_safetensors(path)
+    expected = hf_shapes(parameter_shapes(config, objective), config, objective)
+    check_hf_tensors({k: t.shape for k, t in tensors.items()}, expected, source=str(path))
+    embedding = tensors["model.embeddings.tok_embeddings.weight"]
+    for name in TIED_HF_NAMES:
+        if name in tensors and not np.array_equal(tensors[name], embedding):
+            raise CheckpointError(f"{path}: {name} differs from the token embedding; untied "
+                                  f"output embeddings are not supported")
+    params = from_hf_tensors({k: np.asarray(t, np.float32) for k, t in tensors.items()},
+                             config, objective)
+    tokenizer_dir = path if tokenizer_file_names(path) else None
+    special_tokens = with_tokenizer_ids(special_tokens, tokenizer_dir)
+    return PretrainedModel(model_from_params(config, objective, params), special_tokens,
+                           tokenizer_dir)
+
+
+def read_hf_config(path: Path) -> dict:
+    """config.json of the HuggingFace directory `path` as a dict. Raises CheckpointError naming
+    what is wrong (not a directory, no config.json, invalid JSON, not an object)."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     config_path = path / CONFIG_FILE
@@ -179,25 +202,10 @@ def from_pretrained(path: str | Path) -> PretrainedModel:
         raise CheckpointError(f"{config_path}: invalid JSON: {err}") from None
     if not isinstance(hf_config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
-    config, objective, special_tokens = from_hf_config(hf_config, source=str(config_path))
-
-    tensors = _read_safetensors(path)
-    expected = hf_shapes(parameter_shapes(config, objective), config, objective)
-    check_hf_tensors({k: t.shape for k, t in tensors.items()}, expected, source=str(path))
-    embedding = tensors["model.embeddings.tok_embeddings.weight"]
-    for name in TIED_HF_NAMES:
-        if name in tensors and not np.array_equal(tensors[name], embedding):
-            raise CheckpointError(f"{path}: {name} differs from the token embedding; untied "
-                                  f"output embeddings are not supported")
-    params = from_hf_tensors({k: np.asarray(t, np.float32) for k, t in tensors.items()},
-                             config, objective)
-    tokenizer_dir = path if tokenizer_file_names(path) else None
-    special_tokens = _with_tokenizer_ids(special_tokens, tokenizer_dir)
-    return PretrainedModel(model_from_params(config, objective, params), special_tokens,
-                           tokenizer_dir)
+    return hf_config
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of model.safetensors or of the shards its index lists."""
     index = path / WEIGHTS_INDEX_FILE
     if (path / WEIGHTS_FILE).is_file():
@@ -221,7 +229,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _with_tokenizer_ids(special: SpecialTokens, tokenizer_dir: Path | None) -> SpecialTokens:
+def with_tokenizer_ids(special: SpecialTokens, tokenizer_dir: Path | None) -> SpecialTokens:
     """Fills the [MASK] and [UNK] ids from tokenizer.json when the directory has one."""
     tokenizer_file = None if tokenizer_dir is None else tokenizer_dir / "tokenizer.json"
     if tokenizer_file is None or not tokenizer_file.is_file():

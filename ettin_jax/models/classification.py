@@ -48,7 +48,13 @@ from flax import nnx
 
 from ettin_jax.models.config import OBJECTIVES, ModelConfig, Objective
 from ettin_jax.models.layers import PredictionHead, output_std, truncated_normal
-from ettin_jax.models.transformer import EttinModel, ParamPath, model_from_params, named_params
+from ettin_jax.models.transformer import (
+    EttinModel,
+    ParamPath,
+    model_from_params,
+    named_params,
+    set_exact_params,
+)
 
 Pooling = Literal["cls", "mean", "last"]
 POOLINGS: tuple[str, ...] = ("cls", "mean", "last")
@@ -275,23 +281,8 @@ def classifier_from_params(config: ModelConfig, objective: Objective, head: Head
     """An `EttinClassifier` holding exactly `params` (cast to config.param_dtype); no random
     init. Raises ValueError naming a missing or unexpected parameter, or a shape mismatch with
     both shapes."""
-    classifier = _abstract(config, objective, head)
-    state = nnx.state(classifier, nnx.Param)
-    expected = {tuple(path): var for path, var in nnx.to_flat_state(state)}
-    unexpected = sorted(".".join(map(str, p)) for p in params.keys() - expected.keys())
-    if unexpected:
-        raise ValueError(f"unexpected parameters {unexpected} for this classifier")
-    for path, var in expected.items():
-        name = ".".join(map(str, path))
-        if path not in params:
-            raise ValueError(f"parameter {name} is missing")
-        want = tuple(var.get_value().shape)
-        if tuple(params[path].shape) != want:
-            raise ValueError(f"parameter {name} has shape {tuple(params[path].shape)}, "
-                             f"the classifier needs {want}")
-        var.set_value(jnp.asarray(params[path], dtype=config.param_dtype))
-    nnx.update(classifier, state)
-    return classifier
+    return set_exact_params(_abstract(config, objective, head), params, config.param_dtype,
+                            what="the classifier")
 
 
 def _abstract(config: ModelConfig, objective: Objective, head: HeadConfig) -> EttinClassifier:

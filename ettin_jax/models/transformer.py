@@ -257,11 +257,19 @@ def model_from_params(
     shapes.
     """
     model = nnx.eval_shape(lambda: EttinModel(config, objective, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
+    return set_exact_params(model, params, config.param_dtype, what="this architecture")
+
+
+def set_exact_params(module: nnx.Module, params: dict[ParamPath, jax.Array | np.ndarray],
+                     dtype, *, what: str) -> nnx.Module:
+    """`module` (e.g. from nnx.eval_shape) with its parameters set to exactly `params` (by
+    path, cast to `dtype`); returns it. Raises ValueError naming a missing or unexpected
+    parameter, or a shape mismatch with both shapes (`what` names the module in messages)."""
+    state = nnx.state(module, nnx.Param)
     expected = {tuple(path): var for path, var in nnx.to_flat_state(state)}
     unexpected = sorted(".".join(map(str, p)) for p in params.keys() - expected.keys())
     if unexpected:
-        raise ValueError(f"unexpected parameters {unexpected} for this architecture")
+        raise ValueError(f"unexpected parameters {unexpected} for {what}")
     for path, var in expected.items():
         name = ".".join(map(str, path))
         if path not in params:
@@ -269,10 +277,10 @@ def model_from_params(
         want = tuple(var.get_value().shape)
         if tuple(params[path].shape) != want:
             raise ValueError(f"parameter {name} has shape {tuple(params[path].shape)}, "
-                             f"the architecture needs {want}")
-        var.set_value(jnp.asarray(params[path], dtype=config.param_dtype))
-    nnx.update(model, state)
-    return model
+                             f"{what} needs {want}")
+        var.set_value(jnp.asarray(params[path], dtype=dtype))
+    nnx.update(module, state)
+    return module
 
 
 def with_objective(model: EttinModel, objective: Objective) -> EttinModel:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ByteTokenizer
@@ -20,6 +19,7 @@ from data_pipelines.pipeline import make_batch_iterator
 from ettin_jax.config import load_recipe
 from ettin_jax.config.schema import MeshConfig
 from ettin_jax.errors import ConfigError
+from ettin_jax.training.aot import abstract_step
 from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.checkpoint import TrainCheckpointer
 from ettin_jax.training.metrics import read_metrics
@@ -467,13 +467,9 @@ def _scan_lengths(jaxpr) -> list[int]:
 
 @pytest.mark.parametrize("most, loop", [(None, [4]), (4, [2]), (6, [2]), (8, [])])
 def test_the_step_runs_the_fewest_microbatches_under_max_microbatch_size(most, loop):
-    recipe = load_recipe(TINY, SMALL)
-    mesh = make_mesh(MeshConfig(1, 2), jax.devices()[:2])
-    optimizer = make_optimizer(recipe.optimizer)
-    shardings = init_state_shardings(recipe.model, "clm", optimizer, mesh)
-    state = abstract_state(shardings, recipe.model, "clm", optimizer)
-    batch = {k: jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=batch_sharding(mesh))
-             for k in ("input_ids", "segment_ids", "positions", "labels")}
-    step = sharded_train_step(recipe.model, "clm", optimizer, shardings, mesh, seed=0,
-                              learning_rate=1e-3, microbatch_size=2, max_microbatch_size=most)
+    recipe = load_recipe(TINY, SMALL + ["train.microbatch_size=2",
+                                        f"train.max_microbatch_size={most or 'null'}"])
+    step, state, batch = abstract_step(recipe, "clm", make_mesh(MeshConfig(1, 2),
+                                                                jax.devices()[:2]))
+    assert batch["input_ids"].shape == (8, 64)
     assert _scan_lengths(jax.make_jaxpr(step)(state, batch).jaxpr) == loop

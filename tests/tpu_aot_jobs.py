@@ -108,26 +108,17 @@ def pallas_train_step() -> dict:
     """The encoder's real train step with flash attention on the 4-chip slice under FSDP:
     the model's graph is the same as on any mesh; the kernels find the mesh when the step is
     traced and run per chip. Custom calls and collectives of the compiled step."""
-    import jax
-    import jax.numpy as jnp
-
     from ettin_jax.config import load_recipe
-    from ettin_jax.training.aot import topology_devices
-    from ettin_jax.training.mesh import batch_sharding, make_mesh
-    from ettin_jax.training.optimizer import make_optimizer
-    from ettin_jax.training.state import abstract_state, init_state_shardings
-    from ettin_jax.training.step import sharded_train_step
+    from ettin_jax.training.aot import abstract_step, topology_devices
+    from ettin_jax.training.mesh import make_mesh
 
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", DESCRIBE[2:5] + [
-        "model.attention_impl=pallas", "train.seq_len=256"])
-    mesh = make_mesh(recipe.mesh, topology_devices(TOPOLOGY))
-    optimizer = make_optimizer(recipe.optimizer)
-    shardings = init_state_shardings(recipe.model, "mlm", optimizer, mesh)
-    state = abstract_state(shardings, recipe.model, "mlm", optimizer)
-    batch = {k: jax.ShapeDtypeStruct((16, 256), jnp.int32, sharding=batch_sharding(mesh))
-             for k in ("input_ids", "segment_ids", "positions", "labels")}
-    step = sharded_train_step(recipe.model, "mlm", optimizer, shardings, mesh, seed=0,
-                              learning_rate=1e-3, mlm_mask_ratio=0.3)
+        "model.attention_impl=pallas", "train.seq_len=256", "train.global_batch_size=16",
+        "train.microbatch_size=null", "train.max_microbatch_size=null",
+        "train.batch_warmup_tokens=0", "data.mlm_mask_ratio=0.3"])
+    step, state, batch = abstract_step(recipe, "mlm", make_mesh(recipe.mesh,
+                                                                topology_devices(TOPOLOGY)))
+    assert batch["input_ids"].shape == (16, 256)
     text = step.lower(state, batch).compile().as_text()
     return {"custom_calls": text.count("tpu_custom_call"), "layers": recipe.model.num_layers}
 

@@ -20,7 +20,7 @@ from ettin_jax.training.batch_sizing import batch_size
 from ettin_jax.training.hlo import collectives, summary
 from ettin_jax.training.mesh import batch_sharding, make_mesh
 from ettin_jax.training.optimizer import make_optimizer
-from ettin_jax.training.state import abstract_state, init_state_shardings
+from ettin_jax.training.state import TrainState, abstract_state, init_state_shardings
 from ettin_jax.training.step import sharded_train_step
 
 # Per-chip HBM of TPU generations (bytes), for the "fits" verdict.
@@ -94,6 +94,14 @@ def compile_step(recipe: Recipe, objective: str, mesh) -> Any:
     """`objective`'s train step compiled for `mesh` with abstract state and batch (the
     recipe's batch rows and microbatches): a jax.stages.Compiled. Raises what the compile
     raises (XLA reports out-of-memory so)."""
+    step, state, batch = abstract_step(recipe, objective, mesh)
+    return step.lower(state, batch).compile()
+
+
+def abstract_step(recipe: Recipe, objective: str, mesh) -> tuple[Any, TrainState, dict]:
+    """(the jitted train step of `objective` on `mesh` as training builds it: the recipe's
+    optimizer, microbatches and MLM mask ratio; its abstract state; an abstract batch of the
+    recipe's rows, `step_rows`), ready to lower, trace or compile without allocating."""
     train = recipe.train
     optimizer = make_optimizer(recipe.optimizer)
     shardings = init_state_shardings(recipe.model, objective, optimizer, mesh)
@@ -106,7 +114,7 @@ def compile_step(recipe: Recipe, objective: str, mesh) -> Any:
                               microbatch_size=train.microbatch_size,
                               max_microbatch_size=train.max_microbatch_size,
                               mlm_mask_ratio=recipe.data.mlm_mask_ratio)
-    return step.lower(state, batch).compile()
+    return step, state, batch
 
 
 def step_memory(compiled: Any) -> dict[str, int]:

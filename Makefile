@@ -59,12 +59,18 @@ demo: $(DEMO)/data/manifest.json
 	$(DEMO_ENV) $(ETTIN) fill-mask $(DEMO) "    def __init__([MASK], name):"
 	$(DEMO_ENV) $(ETTIN) generate $(DEMO) "class Parser(object):" --max-new-tokens 48 \
 	    --temperature 0.7 --top-p 0.9
+	@echo "== fine-tune both on the bundled task: comedy, history or tragedy? (chance 1/3)"
+	$(DEMO_ENV) $(ETTIN) finetune $(DEMO) --task bundled-genre
+	@echo "== encoder vs decoder, side by side"
+	$(DEMO_ENV) $(ETTIN) compare $(DEMO)
 	@echo "== where everything is"
 	@echo "recipe as run:    $(DEMO)/recipe.yaml"
 	@echo "checkpoints:      $(DEMO)/encoder/checkpoints, $(DEMO)/decoder/checkpoints"
 	@echo "metrics:          $(DEMO)/encoder/metrics.jsonl, $(DEMO)/decoder/metrics.jsonl (+ TensorBoard events/)"
 	@echo "HuggingFace dirs: $(DEMO)/encoder/hf, $(DEMO)/decoder/hf"
 	@echo "plot:             $(DEMO)/plots/training.png"
+	@echo "fine-tuning:      $(DEMO)/finetune/bundled-genre/{encoder,decoder}/seed0 (+ summary.json)"
+	@echo "comparison:       $(DEMO)/report/report.md, $(DEMO)/report/report.png"
 
 test: install
 	$(PY) -m pytest -q

@@ -211,3 +211,16 @@ def test_devices_split_the_rows(pair, pair_task, tmp_path):
         trainer.finetune_seed(model, tokenizer, task, data, config, seed=3, mesh=mesh, out=out)
         losses.append([r["loss"] for r in read_metrics(out) if "loss" in r])
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def test_an_exported_member_fine_tunes_too(pair, pair_task, tmp_path, capsys):
+    """SOURCE may be a HuggingFace directory (`ettin-jax export`'s): its one member is found
+    from config.json, and the results go under --run-dir."""
+    from ettin_jax.hf.transfer import export_checkpoint
+
+    exported = export_checkpoint(pair / "decoder", tmp_path / "hf")[""].path
+    assert main(["finetune", str(exported), "--task", str(pair_task), *SETTINGS, "epochs=1",
+                 "--run-dir", str(tmp_path / "run")]) == 0
+    assert "pairs decoder: accuracy" in capsys.readouterr().out
+    assert (tmp_path / "run" / "finetune" / "pairs" / "decoder" / "summary.json").is_file()
+    assert not (tmp_path / "run" / "finetune" / "pairs" / "encoder").exists()

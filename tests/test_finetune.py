@@ -153,10 +153,13 @@ def test_a_crashed_seed_resumes_to_the_uninterrupted_run(pair, pair_task, tmp_pa
                       if "loss" in r}
     # Resuming with another recipe is refused, naming what changed.
     other = dataclasses.replace(config, pooling="mean", logging_every_steps=5)
+    with pytest.raises(CheckpointError, match=r"other settings \(pooling: 'last' -> 'mean'\)"):
+        trainer.finetune_seed(model, tokenizer, task, data, other, seed=7, mesh=mesh,
+                              out=tmp_path / "crashed")  # finished
     (tmp_path / "crashed" / "results.json").unlink()
     with pytest.raises(CheckpointError, match=r"other settings \(pooling: 'last' -> 'mean'\)"):
         trainer.finetune_seed(model, tokenizer, task, data, other, seed=7, mesh=mesh,
-                              out=tmp_path / "crashed")
+                              out=tmp_path / "crashed")  # checkpointed
 
 
 def test_glue_presets_from_a_prepared_copy(pair, glue_dir, tmp_path, capsys):

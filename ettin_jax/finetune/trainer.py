@@ -144,11 +144,13 @@ def finetune_seed(model: EttinModel, tokenizer, task: TaskSpec, data: TaskData,
     the dev split's by name, other evaluated splits' as "<split>/<name>"). `start_from`: a
     fine-tuned classifier directory whose backbone and head (not its classifier) the run
     starts from."""
-    results_path = out / RESULTS_FILE
-    if results_path.is_file():
-        return json.loads(results_path.read_text())
     settings = _settings(task, config) | {"seed": seed, "pooling": config.pooling_for(
         model.objective), "start_from": None if start_from is None else str(start_from)}
+    results_path = out / RESULTS_FILE
+    if results_path.is_file():
+        done = json.loads(results_path.read_text())
+        _check_same_settings(out, done["settings"], settings)
+        return done
     head = HeadConfig(num_labels=1 if data.regression else len(data.labels),
                       pooling=settings["pooling"], classifier_dropout=config.classifier_dropout)
     classifier = classifier_from_backbone(model, head, rngs=nnx.Rngs(seed))
@@ -200,7 +202,7 @@ def finetune_seed(model: EttinModel, tokenizer, task: TaskSpec, data: TaskData,
     _export(nnx.merge(graph, jax.device_get(state.params)), tokenizer, data, out)
     result = {"task": task.name, "member": out.parent.name, "seed": seed,
               "steps": plan.total_steps, "epochs": task.epochs,
-              "start_from": settings["start_from"], "metrics": metrics}
+              "start_from": settings["start_from"], "metrics": metrics, "settings": settings}
     write_json(results_path, result)
     return result
 
@@ -383,15 +385,21 @@ def _start(checkpoints: TrainCheckpointer, params, optimizer, shardings: TrainSt
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             jax.eval_shape(fresh, params), shardings)
     state, _, saved = checkpoints.restore(latest, abstract)
+    _check_same_settings(checkpoints.member_dir, saved, settings)
+    return state
+
+
+def _check_same_settings(where: Path, saved: Mapping[str, Any],
+                         settings: Mapping[str, Any]) -> None:
+    """Raises CheckpointError naming every setting (other than how the run executes) in which
+    the run in `where` differs from `settings`."""
     differ = sorted(k for k in set(saved) | set(settings)
                     if k not in RUNTIME_SETTINGS and saved.get(k) != settings.get(k))
     if differ:
-        where = checkpoints.member_dir
         raise CheckpointError(f"{where} was fine-tuned with other settings ("
                               + ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}"
                                           for k in differ)
                               + f"); delete {where} to start it again with these")
-    return state
 
 
 def _start_from(run_dir: Path, task: TaskSpec, member: str, index: int) -> Path | None:

@@ -185,7 +185,7 @@ def _glue(name: str, text: str, pair: str | None, labels: tuple[str, ...] | None
 
 # Fields and label names are TFDS's glue/<task> features; metrics as GLUE reports them (bert24
 # logs MRPC/QQP accuracy first and only Spearman for STS-B); settings from bert24's glue_jobs.py
-# (the Ettin reference's "MNLI 2 ep bs 64" is not what that file says: 3 ep, batch 48).
+# (MNLI: 3 epochs at batch 48, as that file says; docs/fidelity.md).
 GLUE_TASKS: dict[str, TaskSpec] = {
     task.name: task for task in (
         _glue("cola", "sentence", None, ("unacceptable", "acceptable"), ("matthews",),

@@ -9,7 +9,7 @@ token's literal text in the input ("[MASK]") encodes to its id, as transformers 
 `save` writes files that `transformers.AutoTokenizer.from_pretrained(DIR)` loads with the same
 ids: for SentencePiece, `tokenizer.model` plus a `tokenizer_config.json` naming the
 `SentencePieceBackend` class (the fast converters of transformers 5 mis-tokenize such models,
-see ../shared/ettin_reference.md section 4); for HF tokenizers, `tokenizer.json` as it is.
+a known transformers 5 behaviour); for HF tokenizers, `tokenizer.json` as it is.
 `save(DIR, objective=...)` (what model exports write) adds special tokens as the member sees
 them (`special_tokens.with_special_tokens`) through a `tokenizer.json` whose post-processor is
 built from that function: transformers 5 loads every ModernBERT directory with its

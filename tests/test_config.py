@@ -279,7 +279,7 @@ def test_data_sources_in_yaml_gin_and_overrides(tmp_path):
     assert "data.sources.0.kind" in message and "jsonl" in message
 
 
-# Ettin's phase 1 (../shared/ettin_reference.md section 2; Ettin's standard/<size>/*.yaml): peak
+# Ettin's phase 1 (Ettin's standard/<size>/*.yaml; docs/fidelity.md): peak
 # LR, weight decay, LR warmup and batch-size warmup in billions of tokens.
 ETTIN_PHASE_1 = {"17m": (3e-3, 3e-4, 4, 125), "32m": (3e-3, 3e-4, 4, 100),
                  "68m": (3e-3, 3e-4, 3, 75), "150m": (8e-4, 1e-5, 3, 50),
@@ -321,7 +321,7 @@ def test_ettin_recipes_hold_the_papers_numbers(size):
     assert train.microbatch_size % 64 == 0
     assert microbatch_rows(2880, train.microbatch_size, train.max_microbatch_size) == (
         960 if size == "1b" else 2880)
-    # Phases 2 and 3 (../shared/ettin_reference.md section 2), each from the one before.
+    # Phases 2 and 3 (Ettin's de_decay and prolong_decay configs), each from the one before.
     pretrain, extension, decay = recipe.phases
     assert (pretrain.name, pretrain.kind, pretrain.train, pretrain.schedule) == \
         ("pretrain", "pretrain", train, schedule)

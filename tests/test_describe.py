@@ -20,7 +20,7 @@ from ettin_jax.models.describe import (
     training_flops_per_token,
 )
 
-# ../shared/ettin_reference.md section 1: total (tied) and non-embedding parameters.
+# The Ettin model cards' sizes: total (tied) and non-embedding parameters.
 REFERENCE = {
     "ettin-17m": (16.91e6, 3.90e6),
     "ettin-32m": (32.08e6, 12.54e6),

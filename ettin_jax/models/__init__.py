@@ -8,6 +8,7 @@ from ettin_jax.models.classification import (
     classifier_params,
 )
 from ettin_jax.models.config import OBJECTIVES, ModelConfig, Objective
+from ettin_jax.models.embedding import EmbeddingConfig, embed, without_lm_head
 from ettin_jax.models.presets import PRESETS, get_preset
 from ettin_jax.models.transformer import (
     EttinModel,
@@ -19,6 +20,7 @@ from ettin_jax.models.transformer import (
 __all__ = [
     "OBJECTIVES",
     "PRESETS",
+    "EmbeddingConfig",
     "EttinClassifier",
     "EttinModel",
     "HeadConfig",
@@ -27,8 +29,10 @@ __all__ = [
     "classifier_from_backbone",
     "classifier_from_params",
     "classifier_params",
+    "embed",
     "get_preset",
     "model_from_params",
     "named_params",
     "with_objective",
+    "without_lm_head",
 ]

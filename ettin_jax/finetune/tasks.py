@@ -302,20 +302,25 @@ def _is_none(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
 
 
-def _parse(key: str, value: Any) -> Any:
+def _parse(key: str, value: Any, *, ints: frozenset | set = _INTS,
+           floats: frozenset | set = _FLOATS, tuples: frozenset | set = _TUPLES,
+           optional: frozenset | set = _OPTIONAL) -> Any:
+    """`value` of setting `key` as its type: an int, float or tuple (seeds: of ints) when `key`
+    is in `ints`, `floats` or `tuples` (TaskSpec's by default; the retrieval tasks pass
+    theirs), None for "none"/"null" when in `optional`, else a str."""
     try:
-        if key in _OPTIONAL and _is_none(value):
+        if key in optional and _is_none(value):
             return None
-        if key in _TUPLES:
+        if key in tuples:
             items = value.split(",") if isinstance(value, str) else list(value)
             items = [item.strip() if isinstance(item, str) else item for item in items]
             return tuple(int(item) for item in items) if key == "seeds" else \
                 tuple(str(item) for item in items if item != "")
-        if key in _INTS:
+        if key in ints:
             if isinstance(value, float) or isinstance(value, bool):
                 raise ValueError("not an integer")
             return int(value)
-        if key in _FLOATS:
+        if key in floats:
             if isinstance(value, bool):
                 raise ValueError("not a number")
             return float(value)

@@ -41,9 +41,10 @@ batch_size rows, so a run compiles a handful of programs, not one per request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -516,11 +517,35 @@ def run_lm_eval_cli(argv: list[str]) -> int:
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:
-        cli_evaluate()
+        with _tables_without_fork():
+            cli_evaluate()
     except SystemExit as exit_:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     finally:
         sys.argv = saved
     return 0
+
+
+@contextlib.contextmanager
+def _tables_without_fork() -> Iterator[None]:
+    """lm-eval prints its result tables with pytablewriter, whose dataproperty extractor
+    formats the cells in a process pool of os.fork()ed workers: in a process running JAX's
+    threads a fork can deadlock (JAX warns). Here one worker formats them in-process."""
+    try:
+        from dataproperty import DataPropertyExtractor
+    except ImportError:
+        yield
+        return
+    init = DataPropertyExtractor.__init__
+
+    def single_worker(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.max_workers = 1
+
+    DataPropertyExtractor.__init__ = single_worker
+    try:
+        yield
+    finally:
+        DataPropertyExtractor.__init__ = init
 

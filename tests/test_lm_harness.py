@@ -125,8 +125,10 @@ def _evaluate(task_dir, tasks, **kwargs) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(tasks=list(tasks), task_manager=TaskManager(
-        include_path=str(task_dir)), log_samples=True, **kwargs)
+    # Without lm-eval's own 200+ task folders, whose indexing takes seconds.
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    return lm_eval.simple_evaluate(tasks=list(tasks), task_manager=manager, log_samples=True,
+                                   **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -179,22 +181,27 @@ def _fork_encoder_score(model, hf_tokenizer, context_ids, continuation_ids, max_
     """Ettin's fork, step by step: for each continuation token, the context and the tokens
     before it, then [MASK] at the scored position, two more [MASK] and [SEP]
     (EncoderAsPseudoCausalLM._prepare_masked_input_for_position), logits at index -4. Rows
-    over max_length lose their oldest tokens after [CLS] (ettin-jax's extension)."""
+    over max_length lose their oldest tokens after [CLS] (ettin-jax's extension). The rows of
+    one continuation run as one right-padded batch (attention_mask)."""
     import torch
 
     mask, sep = hf_tokenizer.mask_token_id, hf_tokenizer.sep_token_id
-    total, greedy = 0.0, True
-    sequence = list(context_ids)
-    for token in continuation_ids:
-        masked = sequence + [mask] + [mask, mask] + [sep]
+    rows = []
+    for i in range(len(continuation_ids)):
+        masked = list(context_ids) + list(continuation_ids[:i]) + [mask] + [mask, mask] + [sep]
         if len(masked) > max_length:
             masked = masked[:1] + masked[len(masked) - max_length + 1:]
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([masked])).logits[0, -4]
-        total += float(torch.log_softmax(logits.double(), -1)[token])
-        greedy &= int(logits.argmax()) == token
-        sequence.append(token)
-    return total, greedy
+        rows.append(masked)
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [hf_tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits
+    scored = logits[torch.arange(len(rows)), torch.tensor([len(r) - 4 for r in rows])]
+    logp = torch.log_softmax(scored.double(), -1)[torch.arange(len(rows)),
+                                                   torch.tensor(continuation_ids)]
+    greedy = scored.argmax(-1) == torch.tensor(continuation_ids)
+    return float(logp.sum()), bool(greedy.all())
 
 
 def test_encoder_scores_follow_ettin_fork(pair, task_dir):
@@ -275,8 +282,20 @@ def test_bad_model_args(pair, model_args, error, message):
         EttinJaxLM.create_from_arg_string(model_args.format(run=pair.run, hf=pair.hf))
 
 
-def test_lm_eval_cli(pair, task_dir, decoder_runs, tmp_path):
+def test_lm_eval_cli(pair, task_dir, decoder_runs, tmp_path, monkeypatch):
+    import functools
+
+    import lm_eval.tasks
+
     ours, _ = decoder_runs
+    # The command line indexes lm-eval's own task folders too (seconds): not needed here.
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(
+        lm_eval.tasks.TaskManager, include_defaults=False))
+
+    def no_fork():
+        raise AssertionError("os.fork() in a process running JAX's threads")
+
+    monkeypatch.setattr(os, "fork", no_fork)
     code = run_lm_eval_cli([
         "--model", "ettin-jax", "--model_args",
         f"path={pair.run},member=decoder,max_length={MAX_LENGTH}",

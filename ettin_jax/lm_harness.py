@@ -323,7 +323,9 @@ class EttinJaxLM(TemplateLM):
             if context_room < 1:
                 raise ConfigError(f"{MODEL_TYPE}: max_gen_toks {max_new} leaves no room for "
                                   f"the context in max_length {self.max_length}")
-            prompts = [self.tok_encode(c)[-context_room:] for c in contexts]
+            # An empty prompt (no text, no BOS) starts from [CLS] (`hf` cannot generate).
+            prompts = [self.tok_encode(c)[-context_room:] or [self.prefix_token_id]
+                       for c in contexts]
             for context, kwargs_in, ids in zip(contexts, all_kwargs,
                                                self._greedy(prompts, max_new, until)):
                 text = postprocess_generated_text(self.tok_decode(ids), until, None)

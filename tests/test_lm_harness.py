@@ -134,6 +134,8 @@ def _evaluate(task_dir, tasks, **kwargs) -> dict:
 @pytest.fixture(scope="module")
 def decoder_runs(pair, task_dir):
     """The three tasks through ettin-jax (the run's decoder, batches of 3) and lm-eval's hf."""
+    # lm-eval's hf backend imports accelerate (lm-eval's [hf] extra).
+    pytest.importorskip("accelerate", reason="lm-eval's hf backend needs accelerate")
     ours = _evaluate(task_dir, TASKS, model="ettin-jax", model_args=(
         f"path={pair.run / 'decoder'},max_length={MAX_LENGTH},batch_size=3"))
     reference = _evaluate(task_dir, TASKS, model="hf", device="cpu", batch_size=1, model_args=(
@@ -263,6 +265,10 @@ def test_generation_stops_at_eos(pair, tokenizer):
     assert lm.generate_until(requests) == ["", ""]
     running = EttinJaxLM.from_model(pair.decoder, tokenizer, batch_size=2, max_gen_toks=4)
     assert all(running.generate_until(requests))
+    without_bos = EttinJaxLM.from_model(pair.decoder, tokenizer, add_bos_token=False,
+                                        max_gen_toks=3)
+    (text,) = without_bos.generate_until(_instances("generate_until", [("", {})]))
+    assert isinstance(text, str)
 
 
 @pytest.mark.parametrize("model_args, error, message", [

@@ -375,3 +375,13 @@ def encode_examples(examples: Sequence[Example], tokenizer, *, objective: str,
         input_ids[row, :ids.size] = ids
         attention_mask[row, :ids.size] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def encode_texts(texts: Sequence[str], tokenizer, *, objective: str,
+                 max_length: int) -> dict[str, np.ndarray]:
+    """input_ids and attention_mask [n, max_length] of single texts, as `encode_examples`
+    encodes a text without a pair (the member's special tokens, truncated at the end, right
+    padding)."""
+    encoded = encode_examples([Example(text, None, 0, "") for text in texts], tokenizer,
+                              objective=objective, max_length=max_length)
+    return {key: encoded[key] for key in ("input_ids", "attention_mask")}

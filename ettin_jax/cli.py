@@ -255,6 +255,13 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval(args: argparse.Namespace) -> int:
+    _enable_compilation_cache(args)
+    from ettin_jax.lm_harness import run_lm_eval_cli
+
+    return run_lm_eval_cli(args.arguments)
+
+
 def _compare(args: argparse.Namespace) -> int:
     from ettin_jax.report import compare_runs
 
@@ -443,6 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", metavar="DIR", help="report folder (default: "
                          "RUN_DIR/report of the first)")
     compare.set_defaults(run=_compare, parser=compare)
+
+    lm_eval = commands.add_parser(
+        "lm-eval", help="lm-evaluation-harness with the ettin-jax model type (both members)",
+        description="Runs lm-evaluation-harness's own command line with the model type "
+        "`ettin-jax` registered (ettin_jax/lm_harness.py): e.g. `ettin-jax lm-eval --model "
+        "ettin-jax --model_args path=RUN_DIR/decoder --tasks hellaswag --include_path DIR "
+        "--batch_size 8`. Every argument is lm-eval's (`ettin-jax lm-eval --help`).",
+        prefix_chars="+", add_help=False)  # every "-" option belongs to lm-eval
+    lm_eval.add_argument("arguments", nargs=argparse.REMAINDER)
+    lm_eval.set_defaults(run=_lm_eval, parser=lm_eval, compilation_cache=None)
 
     export = commands.add_parser(
         "export",

@@ -134,8 +134,7 @@ def _evaluate(task_dir, tasks, **kwargs) -> dict:
 @pytest.fixture(scope="module")
 def decoder_runs(pair, task_dir):
     """The three tasks through ettin-jax (the run's decoder, batches of 3) and lm-eval's hf."""
-    # lm-eval's hf backend imports accelerate (lm-eval's [hf] extra).
-    pytest.importorskip("accelerate", reason="lm-eval's hf backend needs accelerate")
+    # lm-eval's hf backend imports accelerate (lm-eval's [hf] extra; in the test extra).
     ours = _evaluate(task_dir, TASKS, model="ettin-jax", model_args=(
         f"path={pair.run / 'decoder'},max_length={MAX_LENGTH},batch_size=3"))
     reference = _evaluate(task_dir, TASKS, model="hf", device="cpu", batch_size=1, model_args=(
@@ -302,8 +301,10 @@ def test_lm_eval_cli(pair, task_dir, decoder_runs, tmp_path, monkeypatch):
         raise AssertionError("os.fork() in a process running JAX's threads")
 
     monkeypatch.setattr(os, "fork", no_fork)
-    code = run_lm_eval_cli([
-        "--model", "ettin-jax", "--model_args",
+    from ettin_jax.cli import main
+
+    code = main([  # `ettin-jax lm-eval ...`: lm-eval's own command line, the model registered
+        "lm-eval", "--model", "ettin-jax", "--model_args",
         f"path={pair.run},member=decoder,max_length={MAX_LENGTH}",
         "--tasks", "tiny_mc", "--include_path", str(task_dir), "--batch_size", "2",
         "--output_path", str(tmp_path)])

@@ -16,8 +16,13 @@ from typing import Any
 from ettin_jax.config.loading import override_config
 from ettin_jax.config.schema import MeshConfig, OptimizerConfig
 from ettin_jax.errors import ConfigError, did_you_mean
+from ettin_jax.finetune.retrieval_tasks import (
+    RETRIEVAL_OVERRIDE_KEYS,
+    RETRIEVAL_PRESETS,
+    RetrievalTaskSpec,
+    resolve_retrieval_task,
+)
 from ettin_jax.finetune.tasks import OVERRIDE_KEYS, TaskSpec, resolve_task
-from ettin_jax.models.classification import Pooling
 
 DEFAULT_POOLING = {"mlm": "cls", "clm": "last"}  # transformers' defaults for each member's class
 
@@ -26,14 +31,16 @@ DEFAULT_POOLING = {"mlm": "cls", "clm": "last"}  # transformers' defaults for ea
 class FinetuneConfig:
     """Settings of a fine-tuning run that the task does not prescribe (key=value each).
 
-    pooling: how a sequence is summarised (None: the member's transformers default, `cls` for
-    the encoder, `last` for the decoder; `mean` for either). classifier_dropout: between head
+    pooling: how a sequence is summarised (None: the member's default for the task kind:
+    classification `cls` for the encoder, `last` for the decoder, as transformers' classes;
+    retrieval the task's, `mean` and `lasttoken` in Ettin's runs; also `mean` for either, and
+    for retrieval `cls` (encoder) and `weightedmean` (decoder)). classifier_dropout: between head
     and classifier. eval_batch_size: rows per evaluation call. logging_every_steps: metrics
     cadence. checkpoint_every_steps: save cadence (None: at every epoch's end; the dev set is
     evaluated there too). mesh: devices as in training (default: data parallel over all).
     """
 
-    pooling: Pooling | None = None
+    pooling: str | None = None
     classifier_dropout: float = 0.0
     eval_batch_size: int = 64
     logging_every_steps: int = 10
@@ -54,23 +61,34 @@ class FinetuneConfig:
             if not ok:
                 raise ConfigError(message)
 
-    def pooling_for(self, objective: str) -> Pooling:
-        """The pooling used for a member of `objective`."""
+    def pooling_for(self, objective: str) -> str:
+        """The classification pooling used for a member of `objective`."""
         return self.pooling or DEFAULT_POOLING[objective]
 
 
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
 
 
+RETRIEVAL_PREFIX = "retrieval:"
+
+
 def finetune_settings(task_name: str, overrides: Sequence[str] = ()
-                      ) -> tuple[TaskSpec, FinetuneConfig]:
-    """The task named `task_name` (`tasks.resolve_task`: a preset or a task file) and the run
-    settings, with "key=value" `overrides` applied to whichever owns each key (a task setting
-    such as learning_rate=3e-5, seeds=19,8364 or data_dir=DIR; a run setting such as
-    pooling=mean or mesh.data=4). Raises ConfigError naming an unknown key or a bad value."""
-    task_overrides, run_overrides = split_overrides(overrides)
+                      ) -> tuple[TaskSpec | RetrievalTaskSpec, FinetuneConfig]:
+    """The task named `task_name` and the run settings, with "key=value" `overrides` applied
+    to whichever owns each key (a task setting such as learning_rate=3e-5, seeds=19,8364 or
+    data_dir=DIR; a run setting such as pooling=mean or mesh.data=4).
+
+    task_name: a classification or regression task (`tasks.resolve_task`: a preset or a task
+    file), or a retrieval task: "retrieval:" and a retrieval preset or task file
+    (`retrieval_tasks.resolve_retrieval_task`; the retrieval presets also without the
+    prefix). Raises ConfigError naming an unknown task or key, or a bad value."""
+    retrieval = task_name.startswith(RETRIEVAL_PREFIX) or task_name in RETRIEVAL_PRESETS
+    name = task_name.removeprefix(RETRIEVAL_PREFIX)
+    task_overrides, run_overrides = split_overrides(
+        overrides, RETRIEVAL_OVERRIDE_KEYS if retrieval else OVERRIDE_KEYS)
     try:
-        task = resolve_task(task_name, task_overrides)
+        task = (resolve_retrieval_task(name, task_overrides) if retrieval
+                else resolve_task(name, task_overrides))
     except ValueError as err:  # tasks word their errors as ValueError
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from None
     config = override_config(FinetuneConfig(), run_overrides,
@@ -78,9 +96,10 @@ def finetune_settings(task_name: str, overrides: Sequence[str] = ()
     return task, config
 
 
-def split_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    """({task key: value text}, [run "key=value"]) from command-line overrides. Raises
-    ConfigError for text without "=" or a key neither owns."""
+def split_overrides(overrides: Sequence[str], task_keys: Sequence[str] = OVERRIDE_KEYS
+                    ) -> tuple[dict[str, str], list[str]]:
+    """({task key: value text}, [run "key=value"]) from command-line overrides; `task_keys`:
+    the keys the task takes. Raises ConfigError for text without "=" or a key neither owns."""
     task: dict[str, str] = {}
     run: list[str] = []
     for text in overrides:
@@ -91,10 +110,10 @@ def split_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str]
         top = key.split(".")[0]
         if top in RUN_KEYS:
             run.append(text)
-        elif key in OVERRIDE_KEYS:
+        elif key in task_keys:
             task[key] = value
         else:
-            valid = sorted(set(OVERRIDE_KEYS) | set(RUN_KEYS))
+            valid = sorted(set(task_keys) | set(RUN_KEYS))
             raise ConfigError(f"override {text!r}: unknown setting {key!r}."
                               f"{did_you_mean(key, valid)} Valid: {', '.join(valid)}")
     return task, run

@@ -82,7 +82,7 @@ def _examples(split: str) -> tuple:
             wanted = quota + (index < extra)
             if len(passages) < wanted:
                 raise ValueError(f"{name}: {len(passages)} passages, {wanted} wanted")
-            for k in _evenly_spaced(len(passages), wanted):
+            for k in evenly_spaced(len(passages), wanted):
                 line, text = passages[k]
                 examples.append(Example(text, None, label, f"{name} passage {k} (line {line})"))
     return tuple(examples)
@@ -132,6 +132,9 @@ def _spoken_lines(text: str):
         yield number, line
 
 
-def _evenly_spaced(count: int, wanted: int) -> list[int]:
-    """`wanted` distinct indices spread evenly over range(count) (centres of equal parts)."""
+def evenly_spaced(count: int, wanted: int) -> list[int]:
+    """min(count, wanted) distinct indices spread evenly over range(count), ascending (the
+    centres of `wanted` equal parts)."""
+    if count <= wanted:
+        return list(range(count))
     return [(2 * i + 1) * count // (2 * wanted) for i in range(wanted)]

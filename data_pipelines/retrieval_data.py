@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from data_pipelines.bundled_task import evenly_spaced
 from data_pipelines.task_data import TaskDataError, file_format, iter_records
 
 if TYPE_CHECKING:
@@ -404,8 +405,8 @@ def _code_search() -> tuple[tuple[RetrievalExample, ...], RetrievalEvalSet]:
                          f"least {MIN_TRAIN_TRIPLETS} and {MIN_DEV_QUERIES} are needed")
     triplets = tuple(
         RetrievalExample(f.query, f.code, (negative.code,), f"{f.key} {f.name}")
-        for f, negative in (train[i] for i in _evenly_spaced(len(train), MAX_TRAIN_TRIPLETS)))
-    chosen = [dev[i] for i in _evenly_spaced(len(dev), MAX_DEV_QUERIES)]
+        for f, negative in (train[i] for i in evenly_spaced(len(train), MAX_TRAIN_TRIPLETS)))
+    chosen = [dev[i] for i in evenly_spaced(len(dev), MAX_DEV_QUERIES)]
     eval_set = RetrievalEvalSet(
         queries={f"query:{f.key}": f.query for f in chosen},
         corpus={f.key: f.code for f in chosen},
@@ -496,10 +497,3 @@ def _cut(text: str, budget: int, separator: str) -> str:
         return text
     end = text.rfind(separator, 0, budget + 1)
     return (text[:end] if end > 0 else text[:budget]).rstrip()
-
-
-def _evenly_spaced(count: int, wanted: int) -> list[int]:
-    """min(count, wanted) distinct indices spread evenly over range(count), ascending."""
-    if count <= wanted:
-        return list(range(count))
-    return [(2 * i + 1) * count // (2 * wanted) for i in range(wanted)]

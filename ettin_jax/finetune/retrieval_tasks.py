@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ettin_jax.finetune.retrieval_metrics import SIMILARITIES, parse_metric
-from ettin_jax.finetune.tasks import TASK_FILE_SUFFIXES, _check, _is_none, _parse
+from ettin_jax.finetune.tasks import (
+    TASK_FILE_SUFFIXES,
+    _check,
+    _is_none,
+    _parse,
+    read_task_file,
+)
 
 RetrievalSourceKind = Literal["bundled", "triplets", "beir"]
 RETRIEVAL_SOURCE_KINDS = ("bundled", "triplets", "beir")
@@ -358,18 +364,7 @@ def resolve_retrieval_task(name_or_path: str,
             raise ValueError(f"unknown retrieval task {name_or_path!r}: not a preset "
                              f"({', '.join(RETRIEVAL_PRESETS)}) nor a task file "
                              f"({', '.join(TASK_FILE_SUFFIXES)})")
-        if not path.is_file():
-            raise ValueError(f"task file {path} does not exist")
-        import yaml  # JSON is YAML
-
-        try:
-            mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ValueError(f"task file {path}: not valid YAML/JSON: {err}") from None
-        if not isinstance(mapping, Mapping):
-            raise ValueError(f"task file {path}: must hold a mapping, got "
-                             f"{type(mapping).__name__}")
-        mapping = dict(mapping)
+        mapping = read_task_file(path)
         preset = str(mapping.pop("preset", MSMARCO.name))
         if preset not in RETRIEVAL_PRESETS:
             raise ValueError(f"task file {path}: unknown preset {preset!r}; valid: "

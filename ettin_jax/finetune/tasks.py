@@ -396,6 +396,23 @@ def _source(mapping: Any, base_dir: str | Path | None) -> TaskSource:
     return TaskSource("bundled", str(value))
 
 
+def read_task_file(path: Path) -> dict[str, Any]:
+    """The mapping a task file (.yaml, .yml or .json) holds. Raises ValueError naming the file
+    when it is missing, not YAML/JSON, or not a mapping."""
+    if not path.is_file():
+        raise ValueError(f"task file {path} does not exist")
+    import yaml  # JSON is YAML
+
+    try:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"task file {path}: not valid YAML/JSON: {err}") from None
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"task file {path}: must hold a mapping, got "
+                         f"{type(mapping).__name__}")
+    return dict(mapping)
+
+
 def resolve_task(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> TaskSpec:
     """The task a command line names, with `overrides` applied (`apply_overrides`).
 
@@ -417,17 +434,7 @@ def resolve_task(name_or_path: str, overrides: Mapping[str, Any] | None = None) 
         return apply_overrides(PRESETS[name_or_path], overrides)
     path = Path(name_or_path)
     if path.suffix.lower() in TASK_FILE_SUFFIXES:
-        if not path.is_file():
-            raise ValueError(f"task file {path} does not exist")
-        import yaml  # JSON is YAML
-
-        try:
-            mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ValueError(f"task file {path}: not valid YAML/JSON: {err}") from None
-        if not isinstance(mapping, Mapping):
-            raise ValueError(f"task file {path}: must hold a mapping, got "
-                             f"{type(mapping).__name__}")
+        mapping = read_task_file(path)
         mapping = {"name": path.stem, **mapping} if "preset" not in mapping else dict(mapping)
         try:
             spec = task_from_mapping(mapping, base_dir=path.parent)

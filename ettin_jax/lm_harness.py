@@ -37,6 +37,13 @@ does not generate).
 
 Shapes are bucketed (`bucket_length`: four sizes per octave from 16) and the batch is always
 batch_size rows, so a run compiles a handful of programs, not one per request.
+
+Bundled tasks (`ettin_jax/lm_eval_tasks`, `TASKS_DIR`): `bundled_next_line` and
+`bundled_perplexity` on held-out Shakespeare, built offline. `ettin-jax lm-eval` finds them
+from any directory (run_lm_eval_cli adds TASKS_DIR to lm-eval's include path, before a user's
+--include_path, whose tasks win on a name clash); in Python, pass
+`task_manager=ettin_jax.lm_harness.task_manager()` (or lm_eval.tasks.TaskManager(
+include_path=TASKS_DIR)) to lm_eval.simple_evaluate.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from data_pipelines.special_tokens import with_special_tokens
 from data_pipelines.tokenizers import SPECIAL_TOKEN_TEXT, Tokenizer
 from ettin_jax.errors import ConfigError, did_you_mean
+from ettin_jax.lm_eval_tasks import TASKS_DIR
 from ettin_jax.models.decoding import decode_step, init_cache, prefill
 from ettin_jax.models.transformer import EttinModel
 
@@ -510,16 +518,17 @@ def _load(path: str, member: str | None) -> tuple[EttinModel, Tokenizer, str]:
 
 def run_lm_eval_cli(argv: list[str]) -> int:
     """Runs lm-eval's own command line (`lm-eval ...`, lm_eval.__main__.cli_evaluate) on
-    `argv` (the arguments after the program name) with the `ettin-jax` model type registered.
-    As lm-eval, arguments without a subcommand mean `run`. Returns the exit status: 0 after
-    an evaluation (or --help), argparse's 2 for bad arguments; errors of the model (ConfigError,
-    CheckpointError) and of lm-eval propagate."""
+    `argv` (the arguments after the program name) with the `ettin-jax` model type registered
+    and the bundled tasks on the include path (`with_bundled_tasks`). As lm-eval, arguments
+    without a subcommand mean `run`. Returns the exit status: 0 after an evaluation (or
+    --help), argparse's 2 for bad arguments; errors of the model (ConfigError, CheckpointError)
+    and of lm-eval propagate."""
     from lm_eval.__main__ import cli_evaluate
 
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:
-        with _tables_without_fork():
+        with _tables_without_fork(), _bundled_tasks_included():
             cli_evaluate()
     except SystemExit as exit_:
         code = exit_.code
@@ -551,3 +560,50 @@ def _tables_without_fork() -> Iterator[None]:
     finally:
         DataPropertyExtractor.__init__ = init
 
+
+def with_bundled_tasks(include_path: str | Path | Sequence[str | Path] | None
+                       ) -> list[str | Path]:
+    """lm-eval's include path (None, one path or a list, as TaskManager takes it) with TASKS_DIR
+    first, then the given paths in order (lm-eval lets a later path's task override an earlier
+    one of the same name: a user's own task wins). TASKS_DIR appears once."""
+    if include_path is None:
+        given: list[str | Path] = []
+    elif isinstance(include_path, (str, Path)):
+        given = [include_path]
+    else:
+        given = list(include_path)
+    return [TASKS_DIR, *(p for p in given if Path(p).resolve() != TASKS_DIR)]
+
+
+def task_manager(include_path: str | Path | Sequence[str | Path] | None = None,
+                 **kwargs: Any):
+    """An lm_eval.tasks.TaskManager that knows the bundled tasks as well as lm-eval's own and
+    those under `include_path`; kwargs go to TaskManager (e.g. include_defaults=False, which
+    skips indexing lm-eval's 200+ task folders)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=with_bundled_tasks(include_path), **kwargs)
+
+
+@contextlib.contextmanager
+def _bundled_tasks_included() -> Iterator[None]:
+    """Every lm_eval TaskManager made inside gets the bundled tasks (`with_bundled_tasks`):
+    lm-eval's --include_path takes one folder, and its subcommands build their TaskManager
+    themselves."""
+    import inspect
+
+    from lm_eval.tasks.manager import TaskManager  # the class, whatever wraps it
+
+    init = TaskManager.__init__
+    signature = inspect.signature(init)
+
+    def including(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.arguments["include_path"] = with_bundled_tasks(bound.arguments.get("include_path"))
+        init(*bound.args, **bound.kwargs)
+
+    TaskManager.__init__ = including
+    try:
+        yield
+    finally:
+        TaskManager.__init__ = init

@@ -3,9 +3,11 @@
 One report over one or more run directories (several: across sizes): each member's held-out
 pretraining metrics (the last evaluation in RUN_DIR/<member>/metrics.jsonl) and every task it
 was fine-tuned on (RUN_DIR/finetune/<task>/<member>/summary.json: mean, spread and median over
-the seeds). Written as REPORT/report.md (Markdown tables) and REPORT/report.png (one panel per
-task's headline metric and one for the held-out loss, encoder and decoder bars per run), REPORT
-being RUN_DIR/report of the first run directory unless given.
+the seeds), and the zero-shot lm-eval results of each member (the newest
+RUN_DIR/lm_eval/<member>/**/results_*.json, `ettin_jax.lm_eval_results`). Written as
+REPORT/report.md (Markdown tables) and REPORT/report.png (one panel per task's headline metric,
+fine-tuned or zero-shot, and one for the held-out loss, encoder and decoder bars per run),
+REPORT being RUN_DIR/report of the first run directory unless given.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from matplotlib.figure import Figure
 from ettin_jax.config.schema import MEMBERS
 from ettin_jax.errors import MetricsError
 from ettin_jax.finetune.results import TaskSummary, read_summaries
+from ettin_jax.lm_eval_results import (
+    HEADLINE_METRIC,
+    LM_EVAL_DIR,
+    LmEvalResults,
+    Score,
+    read_member_results,
+)
 from ettin_jax.training.metrics import METRICS_FILE, read_metrics_file
 
 REPORT_DIR = "report"
@@ -45,23 +54,27 @@ class _Run:
     label: str
     pretraining: Mapping[str, Mapping[str, Any]]  # member -> the last evaluated record
     tasks: Mapping[tuple[str, str], TaskSummary]  # (task, member) -> summary
+    zero_shot: Mapping[str, LmEvalResults] = dataclasses.field(default_factory=dict)  # member
 
 
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> Comparison:
     """Writes the encoder-vs-decoder report of `run_dirs` into `out` (default: the first run
     directory's report/ folder) and returns what it wrote.
 
-    Raises MetricsError naming the directories when none holds a held-out evaluation or a
-    fine-tuning summary, or naming the file of an unreadable summary.
+    Raises MetricsError naming the directories when none holds a held-out evaluation, a
+    fine-tuning summary or lm-eval results, or naming the file of an unreadable summary or
+    lm-eval results file.
     """
     if not run_dirs:
         raise ValueError("compare needs at least one run directory")
     paths = [Path(d) for d in run_dirs]
     runs = [_read_run(path, label) for path, label in zip(paths, _labels(paths))]
-    if not any(run.pretraining or run.tasks for run in runs):
+    if not any(run.pretraining or run.tasks or run.zero_shot for run in runs):
         raise MetricsError(f"nothing to compare in {', '.join(map(str, paths))}: no held-out "
-                           f"evaluation in <member>/{METRICS_FILE} and no fine-tuning summary "
-                           f"(run `ettin-jax train` with held-out data, `ettin-jax finetune`)")
+                           f"evaluation in <member>/{METRICS_FILE}, no fine-tuning summary and "
+                           f"no lm-eval results in {LM_EVAL_DIR}/<member> (run `ettin-jax "
+                           f"train` with held-out data, `ettin-jax finetune`, `ettin-jax lm-eval "
+                           f"... --output_path RUN_DIR/{LM_EVAL_DIR}/<member>`)")
     out_dir = Path(out) if out is not None else paths[0] / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown_report(runs)
@@ -73,8 +86,9 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
 
 
 def markdown_report(runs: Sequence[_Run]) -> str:
-    """The report's Markdown: a pretraining table (one row per run and member) and a
-    fine-tuning table (one row per task, metric and run: encoder, decoder, difference)."""
+    """The report's Markdown: a pretraining table (one row per run and member), a
+    fine-tuning table and a zero-shot (lm-eval) table (one row per task, metric and run:
+    encoder, decoder, difference)."""
     lines = ["# Encoder vs decoder", ""]
     pretraining = [(run, member, run.pretraining[member]) for run in runs for member in MEMBERS
                    if member in run.pretraining]
@@ -105,7 +119,62 @@ def markdown_report(runs: Sequence[_Run]) -> str:
                                  f"{_difference(stats['encoder'], stats['decoder'])} |")
         lines += ["", "Bold: the task's headline metric. Settings and every seed's figures: "
                   "RUN_DIR/finetune/<task>/<member>/summary.json.", ""]
+    lines += _zero_shot_section(runs)
     return "\n".join(lines)
+
+
+def _zero_shot_section(runs: Sequence[_Run]) -> list[str]:
+    """The lm-eval table's lines: per task, metric (headline first) and run, each member's
+    score ± lm-eval's standard error and the difference; [] when no run has lm-eval results."""
+    tasks = _zero_shot_tasks(runs)
+    if not tasks:
+        return []
+    lines = ["## Zero-shot (lm-eval)", "",
+             "| task | metric | run | encoder | decoder | encoder - decoder |",
+             "|---|---|---|---|---|---|"]
+    for task in tasks:
+        for metric, headline in _zero_shot_metrics(runs, task):
+            for run in runs:
+                if not any(task in r.tasks for r in run.zero_shot.values()):
+                    continue
+                scores = {m: _zero_shot_score(run, m, task, metric) for m in MEMBERS}
+                name = f"**{metric}**" if headline else metric
+                encoder, decoder = scores["encoder"], scores["decoder"]
+                difference = (f"{encoder.value - decoder.value:+.4f}" if encoder and decoder
+                              else "-")
+                lines.append(f"| {task} | {name} | {run.label} | {_score(encoder)} | "
+                             f"{_score(decoder)} | {difference} |")
+    lines += ["", "Bold: the task's headline metric; ±: lm-eval's standard error. Every "
+              "setting and figure: the newest RUN_DIR/" + LM_EVAL_DIR + "/<member>/<model>/"
+              "results_*.json.", ""]
+    return lines
+
+
+def _zero_shot_tasks(runs: Sequence[_Run]) -> list[str]:
+    return sorted({task for run in runs for r in run.zero_shot.values() for task in r.tasks})
+
+
+def _zero_shot_metrics(runs: Sequence[_Run], task: str) -> list[tuple[str, bool]]:
+    """(metric, is headline) of an lm-eval task: the headline (acc, else the first file's
+    first metric) first, then the others in the order the files list them."""
+    found = [r for run in runs for m in MEMBERS
+             if (r := run.zero_shot.get(m)) is not None and task in r.tasks]
+    headline = (HEADLINE_METRIC if any(HEADLINE_METRIC in r.tasks[task] for r in found)
+                else found[0].headline(task))
+    others = dict.fromkeys(metric for r in found for metric in r.tasks[task] if metric != headline)
+    return [(headline, True)] + [(metric, False) for metric in others]
+
+
+def _zero_shot_score(run: _Run, member: str, task: str, metric: str) -> Score | None:
+    results = run.zero_shot.get(member)
+    return results.tasks.get(task, {}).get(metric) if results is not None else None
+
+
+def _score(score: Score | None) -> str:
+    if score is None:
+        return "-"
+    text = f"{score.value:.4f}"
+    return text + (f" ± {score.stderr:.4f}" if score.stderr is not None else "")
 
 
 def _read_run(path: Path, label: str) -> _Run:
@@ -117,7 +186,8 @@ def _read_run(path: Path, label: str) -> _Run:
         if evaluated:
             pretraining[member] = evaluated[-1]
     tasks = {(s.task, s.member): s for s in read_summaries(path)}
-    return _Run(label, pretraining, tasks)
+    zero_shot = {m: r for m in MEMBERS if (r := read_member_results(path, m)) is not None}
+    return _Run(label, pretraining, tasks, zero_shot)
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -155,8 +225,9 @@ def _difference(encoder: Mapping[str, float] | None, decoder: Mapping[str, float
 
 
 def _chart(runs: Sequence[_Run]) -> Figure:
-    """One panel per task (its headline metric) and one for the held-out loss; in each, per
-    run, an encoder and a decoder bar (mean, with the std over seeds as error bar)."""
+    """One panel per task (its headline metric), one per lm-eval task (its headline metric)
+    and one for the held-out loss; in each, per run, an encoder and a decoder bar (mean, with
+    the std over seeds as error bar; lm-eval's standard error for zero-shot tasks)."""
     panels: list[tuple[str, list[dict[str, tuple[float, float] | None]]]] = []
     if any(run.pretraining for run in runs):
         panels.append(("held-out loss (pretraining)", [
@@ -173,6 +244,16 @@ def _chart(runs: Sequence[_Run]) -> Figure:
                 row[member] = (stats["mean"], stats.get("std", 0.0)) if stats else None
             values.append(row)
         panels.append((f"{task}: {headline}", values))
+    for task in _zero_shot_tasks(runs):
+        headline = _zero_shot_metrics(runs, task)[0][0]
+        values = []
+        for run in runs:
+            row = {}
+            for member in MEMBERS:
+                score = _zero_shot_score(run, member, task, headline)
+                row[member] = (score.value, score.stderr or 0.0) if score else None
+            values.append(row)
+        panels.append((f"{task}: {headline} (zero-shot)", values))
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(4.5 * columns, 3.5 * rows), dpi=100, layout="constrained")

@@ -92,3 +92,90 @@ def test_nothing_to_compare_is_an_error_naming_the_directories(tmp_path):
     broken.write_text("{\"task\": \"genre\"")
     with pytest.raises(MetricsError, match=f"{broken}: not a fine-tuning summary"):
         compare_runs([tmp_path / "broken"])
+
+
+def _lm_eval_results(run, member, stamp, results):
+    """An lm-eval results file as `lm-eval --output_path RUN/lm_eval/<member>` writes it."""
+    path = run / "lm_eval" / member / "runs__demo" / f"results_{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "results": results, "group_subtasks": {task: [] for task in results},
+        "versions": {task: 1.0 for task in results}, "n-shot": {task: 0 for task in results},
+        "config": {"model": "ettin-jax", "model_args": f"path={run},member={member}"},
+        "date": 1.7e9}, indent=2))
+    return path
+
+
+def _next_line(rng):
+    acc, norm = rng.uniform(0.2, 0.6, 2).round(4).tolist()
+    return {"alias": "bundled_next_line", "acc,none": acc,
+            "acc_stderr,none": round(float(rng.uniform(0.01, 0.03)), 4), "acc_norm,none": norm,
+            "acc_norm_stderr,none": round(float(rng.uniform(0.01, 0.03)), 4)}
+
+
+def test_the_report_shows_lm_eval_results(two_runs, tmp_path):
+    rng = np.random.default_rng()
+    small, large = two_runs
+    written = {}
+    for member in ("encoder", "decoder"):
+        written[member] = {"bundled_next_line": _next_line(rng), "bundled_perplexity": {
+            "alias": "bundled_perplexity",
+            "word_perplexity,none": round(float(rng.uniform(50, 500)), 3),
+            "word_perplexity_stderr,none": "N/A", "bits_per_byte,none": 1.5,
+            "bits_per_byte_stderr,none": "N/A"}}
+        _lm_eval_results(small, member, "2026-11-30T10-00-00.000001", written[member])
+    # An older file of the encoder is not read; a second filter is its own metric.
+    _lm_eval_results(small, "encoder", "2026-11-29T23-59-59.999999", {
+        "bundled_next_line": _next_line(rng)})
+    only_decoder = _next_line(rng)
+    only_decoder["exact_match,strict-match"] = 0.25
+    _lm_eval_results(large, "decoder", "2026-11-30T11-00-00", {"bundled_next_line": only_decoder})
+    report = compare_runs(two_runs, tmp_path / "out")
+    text = report.text
+    assert "## Zero-shot (lm-eval)" in text
+    encoder, decoder = (written[m]["bundled_next_line"] for m in ("encoder", "decoder"))
+    for metric, name in (("acc", "**acc**"), ("acc_norm", "acc_norm")):
+        row = (f"| bundled_next_line | {name} | small | {encoder[metric + ',none']:.4f} ± "
+               f"{encoder[metric + '_stderr,none']:.4f} | {decoder[metric + ',none']:.4f} ± "
+               f"{decoder[metric + '_stderr,none']:.4f} | "
+               f"{encoder[metric + ',none'] - decoder[metric + ',none']:+.4f} |")
+        assert row in text
+    assert (f"| bundled_next_line | **acc** | large | - | {only_decoder['acc,none']:.4f} ± "
+            f"{only_decoder['acc_stderr,none']:.4f} | - |") in text
+    assert "| bundled_next_line | exact_match,strict-match | large | - | 0.2500 | - |" in text
+    assert "| bundled_next_line | exact_match,strict-match | small | - | - | - |" in text
+    perplexity = {m: written[m]["bundled_perplexity"]["word_perplexity,none"]
+                  for m in ("encoder", "decoder")}
+    # No acc: the headline is the first metric; "N/A" standard errors are left out.
+    assert (f"| bundled_perplexity | **word_perplexity** | small | "
+            f"{perplexity['encoder']:.4f} | {perplexity['decoder']:.4f} | "
+            f"{perplexity['encoder'] - perplexity['decoder']:+.4f} |") in text
+    assert "| bundled_perplexity | bits_per_byte | small | 1.5000 | 1.5000 | +0.0000 |" in text
+    assert "| bundled_perplexity | **word_perplexity** | large |" not in text
+    lines = text.splitlines()
+    assert lines.index("## Zero-shot (lm-eval)") > lines.index(
+        "## Fine-tuning, dev set (mean ± std over seeds; median)")
+    # Panels: held-out loss, genre, stsb and the two lm-eval tasks, three to a row.
+    assert imread(report.chart).shape[:2] == (700, 1350)
+
+
+def test_lm_eval_results_alone_make_a_report(tmp_path):
+    run = tmp_path / "run"
+    results = _next_line(np.random.default_rng())
+    _lm_eval_results(run, "encoder", "2026-11-30T10-00-00", {"bundled_next_line": results})
+    text = compare_runs([run]).text
+    assert f"| bundled_next_line | **acc** | run | {results['acc,none']:.4f} ± " in text
+    assert "## Pretraining" not in text and "## Fine-tuning" not in text
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"results": {"bundled_next_line": {"acc,none": 0.5}', "JSONDecodeError"),
+    ('{"config": {}}', "KeyError: 'results'"),
+    ('{"results": {"bundled_next_line": 0.5}}', "results\\['bundled_next_line'\\] is a float"),
+    ('{"results": {"bundled_next_line": {"alias": "x"}}}', "without any task metric"),
+])
+def test_an_unreadable_lm_eval_file_is_an_error_naming_it(two_runs, content, problem):
+    path = _lm_eval_results(two_runs[0], "decoder", "2026-11-30T10-00-00", {})
+    path.write_text(content)
+    with pytest.raises(MetricsError, match=f"{path}: .*{problem}"):
+        compare_runs(two_runs)

@@ -78,7 +78,7 @@ def _dataset(rows: list[dict[str, Any]]):
 @lru_cache(maxsize=1)
 def _next_line_examples() -> tuple[dict[str, Any], ...]:
     # bundled_task's line reader is the corpus's one reading of a play's spoken lines.
-    from data_pipelines.bundled_task import _spoken_lines
+    from data_pipelines.bundled_task import _spoken_lines, evenly_spaced
 
     examples = []
     for name, text in heldout_plays().items():
@@ -92,7 +92,7 @@ def _next_line_examples() -> tuple[dict[str, Any], ...]:
             raise ValueError(f"{name}: {len(starts)} windows of {CONTEXT_LINES + 1} lines, "
                              f"{NEXT_LINE_EXAMPLES_PER_PLAY} wanted")
         pool = [i for i, (_, line) in enumerate(lines) if len(line) >= MIN_LINE_CHARS]
-        for k in _evenly_spaced(len(starts), NEXT_LINE_EXAMPLES_PER_PLAY):
+        for k in evenly_spaced(len(starts), NEXT_LINE_EXAMPLES_PER_PLAY):
             start = starts[k]
             window = [line for _, line in lines[start:start + CONTEXT_LINES + 1]]
             answer_number, answer = lines[start + CONTEXT_LINES]
@@ -116,12 +116,12 @@ def _next_line_examples() -> tuple[dict[str, Any], ...]:
 
 @lru_cache(maxsize=1)
 def _perplexity_examples() -> tuple[dict[str, Any], ...]:
-    from data_pipelines.bundled_task import play_passages
+    from data_pipelines.bundled_task import evenly_spaced, play_passages
 
     examples = []
     for name, text in heldout_plays().items():
         passages = play_passages(text)
-        for k in _evenly_spaced(len(passages), PERPLEXITY_PASSAGES_PER_PLAY):
+        for k in evenly_spaced(len(passages), PERPLEXITY_PASSAGES_PER_PLAY):
             line, passage = passages[k]
             examples.append({"text": passage, "where": f"{name} line {line}"})
     return tuple(examples)
@@ -129,8 +129,3 @@ def _perplexity_examples() -> tuple[dict[str, Any], ...]:
 
 def _hash(text: str) -> int:
     return int(hashlib.sha1(text.encode()).hexdigest(), 16)
-
-
-def _evenly_spaced(count: int, wanted: int) -> list[int]:
-    """`wanted` distinct indices spread evenly over range(count) (centres of equal parts)."""
-    return [(2 * i + 1) * count // (2 * wanted) for i in range(wanted)]

@@ -256,6 +256,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _lm_eval(args: argparse.Namespace) -> int:
+    if {"-h", "--help"} & set(args.arguments):
+        print(f"usage: ettin-jax lm-eval [lm-eval arguments ...]\n\n{args.parser.description}"
+              f"\n\nlm-eval's own help follows.\n")
     _enable_compilation_cache(args)
     from ettin_jax.lm_harness import run_lm_eval_cli
 

@@ -24,9 +24,12 @@ def _subcommands() -> list[str]:
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in _subcommands()]])
 def test_help_everywhere(command, capsys):
-    with pytest.raises(SystemExit) as info:
-        main([*command, "--help"])
-    assert info.value.code == 0
+    if command == ["lm-eval"]:  # ours, then lm-eval's own help, and status 0
+        assert main([*command, "--help"]) == 0
+    else:
+        with pytest.raises(SystemExit) as info:
+            main([*command, "--help"])
+        assert info.value.code == 0
     assert "usage: ettin-jax" in capsys.readouterr().out
 
 

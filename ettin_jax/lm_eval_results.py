@@ -23,7 +23,9 @@ from ettin_jax.errors import MetricsError
 
 LM_EVAL_DIR = "lm_eval"
 RESULTS_GLOB = "results_*.json"
-HEADLINE_METRIC = "acc"
+# A task's headline: the first of these it has, else its first metric. bits_per_byte before
+# lm-eval's first perplexity metric, word_perplexity: no tokenizer in it, and a readable scale.
+HEADLINE_METRICS = ("acc", "bits_per_byte")
 _NO_FILTER = "none"
 
 
@@ -46,9 +48,10 @@ class LmEvalResults:
     tasks: Mapping[str, Mapping[str, Score]]
 
     def headline(self, task: str) -> str:
-        """The task's headline metric: acc where it has one, else its first metric."""
+        """The task's headline metric: the first of HEADLINE_METRICS it has, else its first
+        metric."""
         metrics = list(self.tasks[task])
-        return HEADLINE_METRIC if HEADLINE_METRIC in metrics else metrics[0]
+        return next((m for m in HEADLINE_METRICS if m in metrics), metrics[0])
 
 
 def output_dir(run_dir: str | Path, member: str) -> Path:

@@ -25,7 +25,7 @@ from ettin_jax.config.schema import MEMBERS
 from ettin_jax.errors import MetricsError
 from ettin_jax.finetune.results import TaskSummary, read_summaries
 from ettin_jax.lm_eval_results import (
-    HEADLINE_METRIC,
+    HEADLINE_METRICS,
     LM_EVAL_DIR,
     LmEvalResults,
     Score,
@@ -155,12 +155,13 @@ def _zero_shot_tasks(runs: Sequence[_Run]) -> list[str]:
 
 
 def _zero_shot_metrics(runs: Sequence[_Run], task: str) -> list[tuple[str, bool]]:
-    """(metric, is headline) of an lm-eval task: the headline (acc, else the first file's
-    first metric) first, then the others in the order the files list them."""
+    """(metric, is headline) of an lm-eval task: the headline (the first of HEADLINE_METRICS
+    a file has, else the first file's first metric) first, then the others in the order the
+    files list them."""
     found = [r for run in runs for m in MEMBERS
              if (r := run.zero_shot.get(m)) is not None and task in r.tasks]
-    headline = (HEADLINE_METRIC if any(HEADLINE_METRIC in r.tasks[task] for r in found)
-                else found[0].headline(task))
+    headline = next((m for m in HEADLINE_METRICS if any(m in r.tasks[task] for r in found)),
+                    found[0].headline(task))
     others = dict.fromkeys(metric for r in found for metric in r.tasks[task] if metric != headline)
     return [(headline, True)] + [(metric, False) for metric in others]
 

@@ -148,6 +148,7 @@ def test_ettin_jax_lm_eval_runs_the_bundled_tasks(run_dir, member, tmp_path, mon
         correct.append(max(range(4), key=scores.__getitem__) == example["label"])
     assert results.tasks["bundled_next_line"]["acc"].value == pytest.approx(
         sum(correct) / LIMIT)
+    assert results.headline("bundled_perplexity") == "bits_per_byte"
     assert results.tasks["bundled_perplexity"]["word_perplexity"].value > 1
     text = compare_runs([run_dir], tmp_path / "report").text
     acc = results.tasks["bundled_next_line"]["acc"]

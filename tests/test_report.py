@@ -121,7 +121,9 @@ def test_the_report_shows_lm_eval_results(two_runs, tmp_path):
         written[member] = {"bundled_next_line": _next_line(rng), "bundled_perplexity": {
             "alias": "bundled_perplexity",
             "word_perplexity,none": round(float(rng.uniform(50, 500)), 3),
-            "word_perplexity_stderr,none": "N/A", "bits_per_byte,none": 1.5,
+            "word_perplexity_stderr,none": "N/A", "byte_perplexity,none": 2.5,
+            "byte_perplexity_stderr,none": "N/A",
+            "bits_per_byte,none": round(float(rng.uniform(1, 3)), 4),
             "bits_per_byte_stderr,none": "N/A"}}
         _lm_eval_results(small, member, "2026-11-30T10-00-00.000001", written[member])
     # An older file of the encoder is not read; a second filter is its own metric.
@@ -129,7 +131,10 @@ def test_the_report_shows_lm_eval_results(two_runs, tmp_path):
         "bundled_next_line": _next_line(rng)})
     only_decoder = _next_line(rng)
     only_decoder["exact_match,strict-match"] = 0.25
-    _lm_eval_results(large, "decoder", "2026-11-30T11-00-00", {"bundled_next_line": only_decoder})
+    generation = {"alias": "gen", "exact_match,strict-match": 0.125,
+                  "exact_match_stderr,strict-match": 0.0625, "exact_match,flexible-extract": 0.5}
+    _lm_eval_results(large, "decoder", "2026-11-30T11-00-00",
+                     {"bundled_next_line": only_decoder, "gen": generation})
     report = compare_runs(two_runs, tmp_path / "out")
     text = report.text
     assert "## Zero-shot (lm-eval)" in text
@@ -144,18 +149,23 @@ def test_the_report_shows_lm_eval_results(two_runs, tmp_path):
             f"{only_decoder['acc_stderr,none']:.4f} | - |") in text
     assert "| bundled_next_line | exact_match,strict-match | large | - | 0.2500 | - |" in text
     assert "| bundled_next_line | exact_match,strict-match | small | - | - | - |" in text
-    perplexity = {m: written[m]["bundled_perplexity"]["word_perplexity,none"]
-                  for m in ("encoder", "decoder")}
-    # No acc: the headline is the first metric; "N/A" standard errors are left out.
-    assert (f"| bundled_perplexity | **word_perplexity** | small | "
-            f"{perplexity['encoder']:.4f} | {perplexity['decoder']:.4f} | "
-            f"{perplexity['encoder'] - perplexity['decoder']:+.4f} |") in text
-    assert "| bundled_perplexity | bits_per_byte | small | 1.5000 | 1.5000 | +0.0000 |" in text
-    assert "| bundled_perplexity | **word_perplexity** | large |" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| bundled_perplexity |")]
+    # No acc: bits_per_byte is the headline, then the others as the file lists them; "N/A"
+    # standard errors are left out.
+    assert [row.split(" | ")[1] for row in rows] == [
+        "**bits_per_byte**", "word_perplexity", "byte_perplexity"]
+    for row, key in zip(rows, ("bits_per_byte,none", "word_perplexity,none")):
+        encoder, decoder = (written[m]["bundled_perplexity"][key] for m in ("encoder", "decoder"))
+        assert row.endswith(f" | small | {encoder:.4f} | {decoder:.4f} | "
+                            f"{encoder - decoder:+.4f} |")
+    assert rows[2] == "| bundled_perplexity | byte_perplexity | small | 2.5000 | 2.5000 | +0.0000 |"
+    # Neither: the first metric.
+    assert "| gen | **exact_match,strict-match** | large | - | 0.1250 ± 0.0625 | - |" in text
+    assert "| gen | exact_match,flexible-extract | large | - | 0.5000 | - |" in text
     lines = text.splitlines()
     assert lines.index("## Zero-shot (lm-eval)") > lines.index(
         "## Fine-tuning, dev set (mean ± std over seeds; median)")
-    # Panels: held-out loss, genre, stsb and the two lm-eval tasks, three to a row.
+    # Panels: held-out loss, genre, stsb and the three lm-eval tasks, three to a row.
     assert imread(report.chart).shape[:2] == (700, 1350)
 
 

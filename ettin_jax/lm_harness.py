@@ -61,7 +61,11 @@ import numpy as np
 from flax import nnx
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import (
+    get_rolling_token_windows,
+    make_disjoint_window,
+    simple_parse_args_string,
+)
 
 from data_pipelines.special_tokens import with_special_tokens
 from data_pipelines.tokenizers import SPECIAL_TOKEN_TEXT, Tokenizer
@@ -110,6 +114,17 @@ class EttinJaxLM(TemplateLM):
     """
 
     backend = "causal"
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict | None = None) -> EttinJaxLM:
+        """The model of lm-eval's `--model_args` string; what lm-eval passes besides
+        (`--batch_size`, `--device`, whose defaults it always passes) applies where the
+        model_args do not say (a `batch_size` in model_args wins)."""
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k not in args}
+        return cls(**args, **extra)
 
     def __init__(self, path: str | None = None, member: str | None = None,
                  batch_size: int | str | None = None, max_length: int | None = None,

@@ -270,6 +270,14 @@ def test_generation_stops_at_eos(pair, tokenizer):
     assert isinstance(text, str)
 
 
+def test_model_args_batch_size_wins_over_the_command_line_default(pair):
+    model = EttinJaxLM.create_from_arg_string(f"path={pair.run}/decoder,batch_size=4",
+                                              {"batch_size": 1, "device": None})
+    assert model.batch_size == 4
+    assert EttinJaxLM.create_from_arg_string(f"path={pair.run}/decoder",
+                                             {"batch_size": 2}).batch_size == 2
+
+
 @pytest.mark.parametrize("model_args, error, message", [
     ("path={run}/decoder,membr=decoder", ConfigError, "unknown model_args membr.*'member'"),
     ("path={run}", ConfigError, "holds both members"),

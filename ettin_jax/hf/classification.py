@@ -23,25 +23,23 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from data_pipelines.special_tokens import PROJECT, SpecialTokens
 from data_pipelines.tokenizer_files import tokenizer_file_names
-from ettin_jax.files import write_atomically, write_text_atomically
+from ettin_jax.files import write_text_atomically
 from ettin_jax.hf.config import from_hf_classifier_config, to_hf_classifier_config
 from ettin_jax.hf.keymap import (
     check_hf_tensors,
     classifier_key_rules,
     from_hf_tensors,
     hf_shapes,
-    to_hf_tensors,
 )
 from ettin_jax.hf.pretrained import (
     CONFIG_FILE,
-    WEIGHTS_FILE,
     read_hf_config,
     read_safetensors,
     with_tokenizer_ids,
+    write_hf_weights,
     write_tokenizer,
 )
 from ettin_jax.models.classification import (
@@ -99,16 +97,9 @@ def save_classifier(
                                         classifier.head_config, id2label=id2label,
                                         problem_type=problem_type)
     params = {path: np.asarray(value) for path, value in classifier_params(classifier).items()}
-    tensors = to_hf_tensors(params, config, objective,
-                            rules=classifier_key_rules(config, objective))
-    model_params = sum(value.size for value in params.values())
-    elements = sum(t.size for t in tensors.values())
-    if elements != model_params:
-        raise ValueError(f"export wrote {elements:,} elements for {model_params:,} parameters")
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    write_hf_weights(out, params, config, objective,
+                     rules=classifier_key_rules(config, objective))
     write_text_atomically(out / CONFIG_FILE,
                           json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if tokenizer_dir:

@@ -125,15 +125,9 @@ def save_pretrained(
     special_tokens.check_vocab(model.config.vocab_size)
     config, objective = model.config, model.objective
     params = {path_: np.asarray(value) for path_, value in named_params(model).items()}
-    tensors = to_hf_tensors(params, config, objective)
-    model_params = sum(value.size for value in params.values())
-    elements = sum(t.size for t in tensors.values())
-    if elements != model_params:
-        raise ValueError(f"export wrote {elements:,} elements for {model_params:,} parameters")
-
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomically(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    tensors, elements = write_hf_weights(path, params, config, objective)
+    model_params = elements
     hf_config = to_hf_config(config, objective, special_tokens)
     write_text_atomically(path / CONFIG_FILE,
                           json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
@@ -186,6 +180,22 @@ def from_pretrained(path: str | Path) -> PretrainedModel:
     special_tokens = with_tokenizer_ids(special_tokens, tokenizer_dir)
     return PretrainedModel(model_from_params(config, objective, params), special_tokens,
                            tokenizer_dir)
+
+
+def write_hf_weights(path: Path, params: dict, config, objective: str, *,
+                     rules=None) -> tuple[dict[str, np.ndarray], int]:
+    """Writes `params` ({native path: array}) as path/model.safetensors under HuggingFace
+    names (the one key map, `keymap.to_hf_tensors`, with `rules` when given; `path` is
+    created), atomically. Returns (tensors, elements written). Raises ValueError when the
+    tensors do not hold every parameter element exactly once."""
+    tensors = to_hf_tensors(params, config, objective, rules=rules)
+    model_params = sum(value.size for value in params.values())
+    elements = sum(t.size for t in tensors.values())
+    if elements != model_params:
+        raise ValueError(f"export wrote {elements:,} elements for {model_params:,} parameters")
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomically(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    return tensors, elements
 
 
 def read_hf_config(path: Path) -> dict:

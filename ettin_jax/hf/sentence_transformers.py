@@ -32,13 +32,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from data_pipelines.special_tokens import PROJECT, SpecialTokens
-from ettin_jax.files import write_atomically, write_text_atomically
+from ettin_jax.files import write_text_atomically
 from ettin_jax.hf.config import to_hf_config
-from ettin_jax.hf.keymap import key_rules, to_hf_tensors
-from ettin_jax.hf.pretrained import CONFIG_FILE, WEIGHTS_FILE, write_tokenizer
+from ettin_jax.hf.keymap import key_rules
+from ettin_jax.hf.pretrained import CONFIG_FILE, write_hf_weights, write_tokenizer
 from ettin_jax.models.embedding import LM_HEAD_PARAMS, check_embedding_pooling
 from ettin_jax.models.transformer import EttinModel, named_params
 
@@ -94,17 +93,10 @@ def save_sentence_transformer(
     params = {path: np.asarray(value) for path, value in named_params(model).items()
               if path[0] not in LM_HEAD_PARAMS}
     rules = [rule for rule in key_rules(config, objective) if rule.native[0] not in LM_HEAD_PARAMS]
-    tensors = to_hf_tensors(params, config, objective, rules=rules)
-    elements = sum(t.size for t in tensors.values())
-    backbone = sum(value.size for value in params.values())
-    if elements != backbone:
-        raise ValueError(f"export wrote {elements:,} elements for {backbone:,} parameters")
     hf_config = to_hf_config(config, objective, special_tokens)
     hf_config["architectures"] = [BASE_ARCHITECTURES[objective]]
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    write_hf_weights(out, params, config, objective, rules=rules)
     _write_json(out / CONFIG_FILE, hf_config)
     write_tokenizer(tokenizer_dir, out, objective)
 

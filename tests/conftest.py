@@ -85,6 +85,23 @@ def case_config(case: dict, rng: np.random.Generator) -> ModelConfig:
     )
 
 
+def transformers_config_fields(config: ModelConfig) -> dict:
+    """The fields of a transformers ModernBERT(-decoder) config for `config`'s architecture,
+    written by hand (not by ettin_jax's export), for references built in transformers."""
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, local_attention=config.local_attention,
+        layer_types=["full_attention" if t == "global" else "sliding_attention"
+                     for t in config.layer_types],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": config.global_rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rope_theta},
+        },
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+    )
+
+
 def padded_batch(seq: int, vocab_size: int, rng: np.random.Generator):
     """Random ids [3, seq] and an attention mask with right padding in rows 1 and 2 (int64)."""
     ids = rng.integers(0, vocab_size, (3, seq))

@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import HF_CASES, case_config, randomized_model, small_config
+from conftest import (
+    HF_CASES,
+    case_config,
+    randomized_model,
+    small_config,
+    transformers_config_fields,
+)
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -141,17 +147,7 @@ def _transformers_classifier(config, objective, num_labels, rng, **fields):
     hand-written config (not by ettin_jax), with random norm scales and classifier bias."""
     torch.manual_seed(int(rng.integers(1 << 30)))
     hf_config = CLASSES[objective].config_class(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, local_attention=config.local_attention,
-        initializer_range=config.init_std,
-        layer_types=["full_attention" if t == "global" else "sliding_attention"
-                     for t in config.layer_types],
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": config.global_rope_theta},
-            "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rope_theta},
-        },
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+        **transformers_config_fields(config), initializer_range=config.init_std,
         num_labels=num_labels, **fields,
     )
     model = CLASSES[objective](hf_config).eval()

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HF_CASES, case_config, case_id, flat_params, padded_batch, randomized_model
+from conftest import (
+    HF_CASES,
+    case_config,
+    case_id,
+    flat_params,
+    padded_batch,
+    randomized_model,
+    transformers_config_fields,
+)
 from safetensors.numpy import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -79,17 +87,7 @@ def _random_transformers_model(config, objective, rng):
     decoder bias, built from a config.json written by hand (not by ettin_jax)."""
     torch.manual_seed(int(rng.integers(1 << 30)))
     hf_config = CLASSES[objective].config_class(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, local_attention=config.local_attention,
-        layer_types=["full_attention" if t == "global" else "sliding_attention"
-                     for t in config.layer_types],
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": config.global_rope_theta},
-            "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rope_theta},
-        },
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
-    )
+        **transformers_config_fields(config))
     model = CLASSES[objective](hf_config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -34,11 +34,10 @@ from ettin_jax.models.classification import (
     classifier_from_backbone,
 )
 from ettin_jax.models.transformer import EttinModel
-from ettin_jax.training.checkpoint import checkpoint_meta
+from ettin_jax.hf.transfer import HF_DIR
+from ettin_jax.training.checkpoint import TOKENIZER, checkpoint_meta
 from ettin_jax.training.distributed import tell_user
 
-TOKENIZER_DIR = "tokenizer"
-HF_DIR = "hf"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +185,9 @@ def _export(classifier: EttinClassifier, tokenizer, data: TaskData, out: Path) -
         tell_user(f"{out}: {classifier.head_config.pooling} pooling on the "
                   f"{out.parent.name} has no transformers class; not exported")
         return
-    tokenizer.save(out / TOKENIZER_DIR, objective=classifier.objective)
+    tokenizer.save(out / TOKENIZER, objective=classifier.objective)
     save_classifier(classifier, out / HF_DIR, special_tokens=tokenizer.special_tokens,
-                    tokenizer_dir=out / TOKENIZER_DIR,
+                    tokenizer_dir=out / TOKENIZER,
                     id2label=None if data.regression else dict(enumerate(data.labels)))
 
 

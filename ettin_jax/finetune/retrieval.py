@@ -39,11 +39,10 @@ from ettin_jax.finetune.retrieval_tasks import RetrievalTaskSpec
 from ettin_jax.hf.sentence_transformers import save_sentence_transformer
 from ettin_jax.models.embedding import check_embedding_pooling, embed, without_lm_head
 from ettin_jax.models.transformer import EttinModel
-from ettin_jax.training.checkpoint import checkpoint_meta
+from ettin_jax.hf.transfer import HF_DIR
+from ettin_jax.training.checkpoint import TOKENIZER, checkpoint_meta
 from ettin_jax.training.distributed import tell_user
 
-TOKENIZER_DIR = "tokenizer"
-EXPORT_DIR = "hf"  # a sentence-transformers folder (also a transformers ModernBERT model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,9 +153,9 @@ def retrieval_run(model: EttinModel, tokenizer, task: RetrievalTaskSpec, data: R
         return {name: found[name] for name in task.metrics}
 
     def export(trained: nnx.Module, out: Path) -> None:
-        tokenizer.save(out / TOKENIZER_DIR, objective=model.objective)
-        save_sentence_transformer(trained, out / EXPORT_DIR, pooling=pooling, normalize=False,
-                                  tokenizer_dir=out / TOKENIZER_DIR,
+        tokenizer.save(out / TOKENIZER, objective=model.objective)
+        save_sentence_transformer(trained, out / HF_DIR, pooling=pooling, normalize=False,
+                                  tokenizer_dir=out / TOKENIZER,
                                   max_seq_length=task.max_document_length,
                                   special_tokens=tokenizer.special_tokens)
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ettin_jax.models.config import OBJECTIVES, ModelConfig, Objective
+from ettin_jax.models.config import ModelConfig, Objective, check_member_choice
 from ettin_jax.models.layers import PredictionHead, output_std, truncated_normal
 from ettin_jax.models.transformer import (
     EttinModel,
@@ -105,13 +105,7 @@ class HeadConfig:
 def check_pooling(objective: Objective, pooling: str) -> None:
     """Raises ValueError when `objective`'s member cannot pool with `pooling`, naming both and
     the poolings it supports."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if pooling not in MEMBER_POOLINGS[objective]:
-        member = "encoder" if objective == "mlm" else "decoder"
-        raise ValueError(f"pooling {pooling!r} is not supported by the {member} "
-                         f"(objective {objective!r}); supported: "
-                         f"{', '.join(MEMBER_POOLINGS[objective])}")
+    check_member_choice(objective, pooling, MEMBER_POOLINGS, "pooling")
 
 
 def classifier_has_bias(objective: Objective) -> bool:

@@ -14,6 +14,19 @@ from ettin_jax.errors import did_you_mean
 Objective = Literal["mlm", "clm"]
 OBJECTIVES: tuple[str, ...] = ("mlm", "clm")
 
+
+def check_member_choice(objective: str, value: str, choices: dict[str, tuple[str, ...]],
+                        what: str) -> None:
+    """Raises ValueError when `value` is not among `choices[objective]` (what each member
+    supports, e.g. poolings), naming `what`, the value, the member and its choices."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if value not in choices[objective]:
+        member = "encoder" if objective == "mlm" else "decoder"
+        raise ValueError(f"{what} {value!r} is not supported by the {member} "
+                         f"(objective {objective!r}); supported: "
+                         f"{', '.join(choices[objective])}")
+
 AttentionImpl = Literal["xla", "pallas", "cudnn", "splash", "auto"]
 DType = Literal["float32", "bfloat16", "float16"]
 Precision = Literal["uniform", "autocast"]

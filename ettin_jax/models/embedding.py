@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax.models.classification import _segment_ids
-from ettin_jax.models.config import OBJECTIVES, Objective
+from ettin_jax.models.config import Objective, check_member_choice
 from ettin_jax.models.transformer import EttinModel, model_from_params, named_params
 
 EmbeddingPooling = Literal["mean", "cls", "lasttoken", "weightedmean"]
@@ -80,13 +80,7 @@ class EmbeddingConfig:
 def check_embedding_pooling(objective: Objective, pooling: str) -> None:
     """Raises ValueError when `objective`'s member is not pooled with `pooling`, naming both
     and the poolings it supports (`MEMBER_POOLINGS`)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if pooling not in MEMBER_POOLINGS[objective]:
-        member = "encoder" if objective == "mlm" else "decoder"
-        raise ValueError(f"embedding pooling {pooling!r} is not supported by the {member} "
-                         f"(objective {objective!r}); supported: "
-                         f"{', '.join(MEMBER_POOLINGS[objective])}")
+    check_member_choice(objective, pooling, MEMBER_POOLINGS, "embedding pooling")
 
 
 def embed(model: EttinModel, input_ids: jax.Array, attention_mask: jax.Array, pooling: str,

@@ -22,7 +22,7 @@ from flax import nnx
 from data_pipelines.task_data import encode_examples, read_examples
 from ettin_jax.config.loading import recipe_to_dict
 from ettin_jax.finetune.config import FinetuneConfig, optimizer_config, task_settings
-from ettin_jax.finetune.loop import Batch, SeedRun, pad_rows, place, round_up
+from ettin_jax.finetune.loop import Batch, SeedRun, map_rows, pad_rows, round_up
 from ettin_jax.finetune.metrics import compute_metrics
 from ettin_jax.finetune.results import RESULTS_FILE, seed_dir
 from ettin_jax.finetune.tasks import TaskSpec
@@ -164,12 +164,8 @@ def _evaluate(predict, params, data: TaskData, task: TaskSpec, rows: int,
     """The task's metrics (no dropout) on each evaluated split, `rows` per call."""
     results: dict[str, float] = {}
     for split, examples in data.evaluated.items():
-        outputs = []
-        for start in range(0, len(examples["labels"]), rows):
-            chunk = {k: v[start:start + rows] for k, v in examples.items() if k != "labels"}
-            logits = predict(params, place(pad_rows(chunk, rows), mesh))
-            outputs.append(np.asarray(jax.device_get(logits))[:len(chunk["input_ids"])])
-        logits = np.concatenate(outputs).astype(np.float64)
+        inputs = {k: v for k, v in examples.items() if k != "labels"}
+        logits = map_rows(predict, params, inputs, rows, mesh).astype(np.float64)
         predictions = logits[:, 0] if data.regression else logits.argmax(-1)
         found = compute_metrics(task.metrics, predictions, examples["labels"])
         prefix = "" if split == task.dev_split else f"{split}/"

@@ -190,6 +190,21 @@ def pad_rows(batch: Batch, rows: int) -> Batch:
     return padded
 
 
+def map_rows(function: Callable, params, inputs: Batch, rows: int, mesh) -> np.ndarray:
+    """function(params, batch) (jitted, one output row per input row) over every row of
+    `inputs`, `rows` per call (the last call padded with all-padding rows, whose outputs are
+    dropped; `rows` a multiple of the device count), as one numpy array."""
+    count = len(next(iter(inputs.values())))
+    outputs = []
+    for start in range(0, count, rows):
+        chunk = {k: v[start:start + rows] for k, v in inputs.items()}
+        padded = pad_rows(chunk, rows)
+        padded.pop("weights")
+        output = function(params, place(padded, mesh))
+        outputs.append(np.asarray(jax.device_get(output))[:min(rows, count - start)])
+    return np.concatenate(outputs)
+
+
 def round_up(value: int, multiple: int) -> int:
     """The smallest multiple of `multiple` that is >= `value`."""
     return -(-value // multiple) * multiple

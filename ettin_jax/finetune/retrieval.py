@@ -33,7 +33,7 @@ from ettin_jax.config.schema import OptimizerConfig
 from ettin_jax.errors import ConfigError
 from ettin_jax.finetune.config import FinetuneConfig
 from ettin_jax.finetune.contrastive import contrastive_grads
-from ettin_jax.finetune.loop import Batch, SeedRun, pad_rows, place, round_up
+from ettin_jax.finetune.loop import Batch, SeedRun, map_rows, round_up
 from ettin_jax.finetune.retrieval_metrics import parse_metric, rank_corpus, retrieval_metrics
 from ettin_jax.finetune.retrieval_tasks import RetrievalTaskSpec
 from ettin_jax.hf.sentence_transformers import save_sentence_transformer
@@ -141,7 +141,7 @@ def retrieval_run(model: EttinModel, tokenizer, task: RetrievalTaskSpec, data: R
         def embedded(texts: Sequence[str], max_length: int) -> np.ndarray:
             encoded = encode_texts(texts, tokenizer, objective=model.objective,
                                    max_length=max_length)
-            return _embed_all(embed_rows, params, encoded, rows_per_call, mesh)
+            return map_rows(embed_rows, params, encoded, rows_per_call, mesh)
 
         top_k = max(parse_metric(name)[1] for name in task.metrics)
         run = rank_corpus(embedded(list(queries.values()), task.max_query_length),
@@ -210,15 +210,3 @@ def settings_of(task: RetrievalTaskSpec, config: FinetuneConfig) -> dict[str, An
 
 def _documents(example: RetrievalExample, negatives: int) -> tuple[str, ...]:
     return (example.positive, *example.negatives[:negatives])
-
-
-def _embed_all(embed_rows, params, encoded: Batch, rows: int, mesh) -> np.ndarray:
-    """Embeddings of every row of `encoded`, `rows` per call (the last padded)."""
-    outputs = []
-    for start in range(0, len(encoded["input_ids"]), rows):
-        chunk = {k: v[start:start + rows] for k, v in encoded.items()}
-        real = len(chunk["input_ids"])
-        padded = pad_rows(chunk, rows)
-        padded.pop("weights")
-        outputs.append(np.asarray(jax.device_get(embed_rows(params, place(padded, mesh))))[:real])
-    return np.concatenate(outputs)

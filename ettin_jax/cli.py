@@ -545,7 +545,25 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--batches", type=int, default=1)
     inspect.add_argument("--out", metavar="FILE.npz")
     inspect.set_defaults(run=_data_inspect, parser=inspect)
+
+    launch = commands.add_parser(
+        "launch", help="run `ettin-jax train` on a TPU pod or a SLURM cluster",
+        description="Start a training job on every host of a TPU slice or a SLURM allocation "
+        "and bring it back after preemption, against the same run directory.")
+    launch_commands = launch.add_subparsers(dest="launcher", required=True, metavar="LAUNCHER")
+    _add_launch_tpu_parser(launch_commands)
+    _add_launch_slurm_parser(launch_commands)
     return parser
+
+
+# ---- launch tpu (owned by the TPU launcher's work) ----
+def _add_launch_tpu_parser(launch_commands: argparse._SubParsersAction) -> None:
+    """`ettin-jax launch tpu`."""
+
+
+# ---- launch slurm (owned by the SLURM launcher's work) ----
+def _add_launch_slurm_parser(launch_commands: argparse._SubParsersAction) -> None:
+    """`ettin-jax launch slurm`."""
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -559,6 +559,57 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- launch tpu (owned by the TPU launcher's work) ----
 def _add_launch_tpu_parser(launch_commands: argparse._SubParsersAction) -> None:
     """`ettin-jax launch tpu`."""
+    tpu = launch_commands.add_parser(
+        "tpu", help="train on a Cloud TPU slice (queued resource), relaunched after preemption",
+        description="Validate RECIPE with its overrides, build a wheel of this checkout and "
+        "upload it with requirements.lock and the resolved recipe to RUN_DIR/launch/, create "
+        "a queued resource, install the wheel (every package at the lock's version) on every "
+        "worker and run `ettin-jax train` there against RUN_DIR. When the slice is preempted "
+        "or the job dies, delete the slice, create it again and rerun: training resumes from "
+        "RUN_DIR's latest checkpoint. Deletes the queued resource at the end (Ctrl-C too).")
+    _add_recipe_arguments(tpu)
+    tpu.add_argument("--run-dir", required=True, metavar="gs://BUCKET/RUN",
+                     help="the run directory every host and every relaunch shares")
+    tpu.add_argument("--name", required=True, help="queued resource (and TPU node) name")
+    tpu.add_argument("--zone", required=True, help="e.g. us-east5-a")
+    tpu.add_argument("--accelerator-type", required=True, metavar="TYPE",
+                     help="e.g. v5p-64, v5litepod-16, v6e-8")
+    tpu.add_argument("--project", help="Google Cloud project (default: gcloud's)")
+    tpu.add_argument("--runtime-version", metavar="VERSION",
+                     help="TPU VM runtime (default: the generation's, e.g. v2-alpha-tpuv5 for "
+                     "v5p)")
+    capacity = tpu.add_mutually_exclusive_group()
+    capacity.add_argument("--spot", action="store_const", dest="provisioning", const="spot",
+                          help="spot capacity (preemptible, cheaper)")
+    capacity.add_argument("--reserved", action="store_const", dest="provisioning",
+                          const="reserved", help="the project's reservation")
+    tpu.add_argument("--max-retries", type=int, default=3, metavar="N",
+                     help="relaunches after a preemption or failure (default 3)")
+    tpu.add_argument("--queue-timeout", metavar="DURATION",
+                     help="give up a request still waiting for capacity after this long "
+                     "(e.g. 6h; default: wait)")
+    tpu.add_argument("--poll-interval", type=float, default=30.0, metavar="SECONDS",
+                     help="seconds between state checks (default 30)")
+    tpu.add_argument("--dry-run", action="store_true",
+                     help="print every command, one per line, and run nothing")
+    tpu.set_defaults(run=_launch_tpu, parser=tpu, provisioning="on-demand")
+
+
+def _launch_tpu(args: argparse.Namespace) -> int:
+    from ettin_jax.launch.tpu import LaunchFailed, TpuLaunch, launch_tpu
+
+    launch = TpuLaunch(
+        recipe=args.recipe, overrides=tuple(args.overrides), run_dir=args.run_dir,
+        name=args.name, zone=args.zone, accelerator_type=args.accelerator_type,
+        project=args.project, runtime_version=args.runtime_version,
+        provisioning=args.provisioning, max_retries=args.max_retries,
+        poll_s=args.poll_interval, queue_timeout=args.queue_timeout)
+    try:
+        launch_tpu(launch, dry_run=args.dry_run)
+    except LaunchFailed as err:
+        print(f"{args.parser.prog}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---- launch slurm (owned by the SLURM launcher's work) ----

@@ -615,6 +615,73 @@ def _launch_tpu(args: argparse.Namespace) -> int:
 # ---- launch slurm (owned by the SLURM launcher's work) ----
 def _add_launch_slurm_parser(launch_commands: argparse._SubParsersAction) -> None:
     """`ettin-jax launch slurm`."""
+    from ettin_jax.launch import slurm
+
+    parser = launch_commands.add_parser(
+        "slurm", help="write and submit an sbatch script that trains on N nodes",
+        description="Copy the recipe next to an sbatch script and submit it (`sbatch "
+        "--parsable`, the job id on stdout): one task per node runs `ettin-jax train` (JAX "
+        "finds its peers from SLURM's variables); USR1 --warn-seconds before the time limit "
+        "stops the training with a checkpoint and requeues the job, at most --max-requeues "
+        "times; a requeued job resumes from the run directory's latest checkpoint.")
+    _add_recipe_arguments(parser)
+    parser.add_argument("--run-dir", required=True, metavar="DIR",
+                        help="the run directory, shared by the nodes (a path or gs://, s3://)")
+    parser.add_argument("--nodes", type=int, required=True, metavar="N")
+    parser.add_argument("--gpus-per-node", type=int, metavar="G",
+                        help="GPUs per node, all driven by the node's one process")
+    parser.add_argument("--cpus-per-task", type=int, metavar="C",
+                        help="CPUs for each node's process (SLURM's default is 1)")
+    parser.add_argument("--partition", metavar="P")
+    parser.add_argument("--account", metavar="A")
+    parser.add_argument("--time", metavar="HH:MM:SS", help="time limit of each start")
+    parser.add_argument("--job-name", metavar="NAME", help="default: ettin-<run dir's name>")
+    parser.add_argument("--max-requeues", type=int, default=slurm.DEFAULT_MAX_REQUEUES,
+                        metavar="N", help="requeues after the time-limit warning (default "
+                        "%(default)s)")
+    parser.add_argument("--warn-seconds", type=int, default=slurm.DEFAULT_WARN_SECONDS,
+                        metavar="S", help="the warning's lead on the time limit (default "
+                        "%(default)s)")
+    parser.add_argument("--launch-dir", metavar="DIR", help="shared directory for the script, "
+                        "the recipe copy and the log (default RUN_DIR/slurm; required when "
+                        "the run dir is a URL)")
+    parser.add_argument("--executable", default=slurm.default_executable(), metavar="PATH",
+                        help="the ettin-jax command on the nodes (default: %(default)s)")
+    parser.add_argument("--train-option", action="append", default=[], metavar="OPT",
+                        help="an `ettin-jax train` option, e.g. --train-option=--only=encoder")
+    parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
+                        help="one more sbatch option, e.g. --sbatch-option=--mem=0")
+    parser.add_argument("--setup", action="append", default=[], metavar="LINE",
+                        help="a shell line run before training, e.g. 'module load cuda'")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for every task")
+    parser.add_argument("--allow-running", action="store_true",
+                        help="submit even while a job of the same name is queued or running")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the script and the sbatch command; write and submit nothing")
+    parser.set_defaults(run=_launch_slurm, parser=parser)
+
+
+def _launch_slurm(args: argparse.Namespace) -> int:
+    from ettin_jax.launch import slurm
+
+    launch = slurm.prepare(slurm.SlurmJob(
+        recipe=args.recipe, overrides=tuple(args.overrides), run_dir=args.run_dir,
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+        partition=args.partition, account=args.account, time=args.time,
+        job_name=args.job_name, max_requeues=args.max_requeues, warn_seconds=args.warn_seconds,
+        launch_dir=args.launch_dir, executable=args.executable,
+        train_options=tuple(args.train_option), sbatch_options=tuple(args.sbatch_option),
+        setup=tuple(args.setup), env=slurm.parse_env(args.env)))
+    if args.dry_run:
+        print(f"# {launch.script_path} (recipe copy: {launch.recipe_copy})\n{launch.script}"
+              f"\n# submit: {' '.join(launch.sbatch)}")
+        return 0
+    job_id = slurm.submit(launch, allow_running=args.allow_running)
+    print(job_id)
+    print(f"submitted job {job_id} ({launch.job.job_name}): log "
+          f"{launch.job.launch_dir}/slurm-{job_id}.out", file=sys.stderr)
+    return 0
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:

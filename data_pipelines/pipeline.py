@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -34,6 +33,7 @@ from data_pipelines.sources import (
     open_source,
     source_kind,
 )
+from ettin_jax import storage
 
 OBJECTIVES = ("mlm", "clm")
 
@@ -166,7 +166,7 @@ def load_data_tokenizer(data: DataConfig):
     from data_pipelines.tokenizers import TokenizerError, load_tokenizer
 
     if data.tokenizer is not None:
-        if not Path(data.tokenizer).exists():
+        if not storage.path(data.tokenizer).exists():
             raise MissingInputError(
                 f"data.tokenizer: {data.tokenizer} does not exist; train a tokenizer there with "
                 f"`{TOKENIZER_COMMAND.format(path=data.tokenizer)}`", data.tokenizer)

@@ -7,7 +7,9 @@
       progress/                settings.json and one JSON file per finished shard (for resume)
 
 Documents are read in order by the main process and handed, a shard at a time, to worker
-processes that tokenize and write their shard (to a temporary name, renamed when complete).
+processes that tokenize and write their shard (to a temporary file that replaces the final one
+when complete; OUT may be a gs:// or s3:// URL, then each shard is one upload and manifest.json
+the last).
 A rerun of the same command after an interruption skips the finished shards; different
 settings in the same OUT are refused.
 """
@@ -20,10 +22,10 @@ import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from pathlib import Path
 
 import grain
 import numpy as np
+from etils.epath import Path
 from tqdm import tqdm
 
 from data_pipelines.config import SourceConfig
@@ -35,10 +37,11 @@ from data_pipelines.sources import (
     check_prepared,
     iter_texts,
 )
+from ettin_jax import storage
 
 FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
-PROGRESS_DIR = str(Path(PREPARE_SETTINGS).parent)
+PROGRESS_DIR = os.path.dirname(PREPARE_SETTINGS)
 # Tokenizer fingerprint: ids of this text must match between prepare and training.
 PROBE_TEXT = "Ettin: def pair(encoder, decoder):\n    return 'the same network' # über 50% ✓"
 
@@ -57,7 +60,7 @@ def tokenizer_fingerprint(tokenizer) -> dict:
 def prepare(
     sources: Sequence[SourceConfig],
     tokenizer,
-    out: str | Path,
+    out: storage.PathLike,
     *,
     documents_per_shard: int = 4096,
     workers: int | None = None,
@@ -70,7 +73,7 @@ def prepare(
     SourceError for unreadable sources and when `out` holds a preparation with other settings
     or other files.
     """
-    out = Path(out)
+    out = storage.path(out)
     settings = {
         "format_version": FORMAT_VERSION,
         "sources": [_source_dict(s) for s in sources],
@@ -125,7 +128,7 @@ def _start_or_resume(out: Path, settings: dict, tokenizer) -> None:
                           f"output directory")
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / TOKENIZER_DIR)
-    settings_file.write_text(json.dumps(settings, indent=1))
+    storage.write_text_atomically(settings_file, json.dumps(settings, indent=1))
 
 
 def _batched(texts: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -150,20 +153,23 @@ def _write_shard(out: Path, index: int, documents: list[str], tokenizer) -> int:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     final = out / shard_name(index)
-    tmp = final.with_name(final.name + ".tmp")
     tokens = 0
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    try:
-        for ids in tokenizer.encode_batch(documents):
-            ids = np.asarray(ids, np.int32)
-            tokens += len(ids)
-            writer.write(ids.tobytes())
-    finally:
-        writer.close()
-    os.replace(tmp, final)
+
+    def write(tmp: str) -> None:
+        nonlocal tokens
+        writer = ArrayRecordWriter(tmp, "group_size:1")
+        try:
+            for ids in tokenizer.encode_batch(documents):
+                ids = np.asarray(ids, np.int32)
+                tokens += len(ids)
+                writer.write(ids.tobytes())
+        finally:
+            writer.close()
+
+    storage.write_atomically(final, write)
     record = {"file": final.name, "documents": len(documents), "tokens": tokens,
               "text_bytes": sum(len(d.encode("utf-8", errors="replace")) for d in documents)}
-    (out / PROGRESS_DIR / f"{index:05d}.json").write_text(json.dumps(record))
+    storage.write_text_atomically(out / PROGRESS_DIR / f"{index:05d}.json", json.dumps(record))
     return len(documents)
 
 
@@ -179,24 +185,27 @@ def _write_manifest(out: Path, settings: dict, stats: dict[str, SourceStats]) ->
     }
     if manifest["documents"] == 0:
         raise SourceError(f"no documents to prepare in {[s['path'] for s in settings['sources']]}")
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    storage.write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
-def open_prepared(path: Path, tokenizer) -> tuple[grain.MapDataset, int]:
+def open_prepared(path: storage.PathLike, tokenizer) -> tuple[grain.MapDataset, int]:
     """The documents of prepared directory `path` as int32 token arrays, and their count.
+
+    Shards in object storage are read from local copies (`storage.cached_copy`, downloaded
+    once per shard and version): ArrayRecord's reader opens local files only, and the shuffled
+    order reads single records all over every shard, one request each if streamed.
 
     Raises SourceError when `path` is not a finished preparation or was made with another
     tokenizer than `tokenizer` (None skips that check).
     """
-    manifest = json.loads((check_prepared(path, "source") / MANIFEST).read_text())
+    path = check_prepared(path, "source")
+    manifest = json.loads((path / MANIFEST).read_text())
     if tokenizer is not None and manifest["settings"]["tokenizer"] != tokenizer_fingerprint(tokenizer):
         raise SourceError(f"{path}: prepared with another tokenizer than data.tokenizer "
                           f"(vocab {manifest['settings']['tokenizer']['vocab_size']} vs "
                           f"{tokenizer.vocab_size}); use {path / TOKENIZER_DIR} or prepare again")
-    files = [str(path / shard["file"]) for shard in manifest["shards"]]
+    files = [str(storage.cached_copy(path / shard["file"])) for shard in manifest["shards"]]
     source = grain.sources.ArrayRecordDataSource(files)
     return grain.MapDataset.source(source).map(_decode_record), manifest["documents"]
 

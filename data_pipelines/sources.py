@@ -20,8 +20,10 @@ from pathlib import Path
 
 import grain
 import numpy as np
+from etils import epath
 
 from data_pipelines.config import SourceConfig
+from ettin_jax import storage
 
 MAX_DOCUMENT_CHARS = 1_000_000
 # Documents whose tokens measure an in-memory source's tokens per character (all of them when
@@ -49,11 +51,12 @@ PREPARE_COMMAND = "ettin-jax data prepare SOURCE... --tokenizer TOKENIZER_DIR --
 TOKENIZER_COMMAND = "ettin-jax tokenizer train [SOURCE...] --vocab-size N --out {path}"
 
 
-def check_prepared(path: str | Path, key: str) -> Path:
+def check_prepared(path: storage.PathLike, key: str) -> epath.Path:
     """`path` as the directory of a finished `ettin-jax data prepare`; `key` is the recipe key
-    or option that names it. Raises MissingInputError saying how to prepare it when it does not
-    exist, and SourceError saying how to resume when the preparation did not finish."""
-    path = Path(path)
+    or option that names it (local or a URL). Raises MissingInputError saying how to prepare it
+    when it does not exist, and SourceError saying how to resume when the preparation did not
+    finish."""
+    path = storage.path(path)
     if (path / MANIFEST).is_file():
         return path
     if (path / PREPARE_SETTINGS).is_file():
@@ -86,7 +89,7 @@ def source_kind(source: SourceConfig) -> str:
         return source.kind
     if source.path == BUNDLED:
         return "bundled"
-    path = Path(source.path)
+    path = storage.path(source.path)
     if path.is_dir() and ((path / MANIFEST).is_file() or (path / PREPARE_SETTINGS).is_file()):
         return "prepared"
     return "text"  # per-file kinds (jsonl, parquet, text) are inferred by suffix when reading
@@ -280,7 +283,7 @@ def open_source(source: SourceConfig, tokenizer) -> TokenDocuments:
     if source_kind(source) == "prepared":
         from data_pipelines.prepare import open_prepared
 
-        dataset, stats.documents = open_prepared(Path(source.path), tokenizer)
+        dataset, stats.documents = open_prepared(source.path, tokenizer)
         mean_tokens = functools.cache(functools.partial(_prepared_mean_tokens, source.path))
     else:
         texts = list(iter_texts(source, stats))
@@ -293,7 +296,7 @@ def open_source(source: SourceConfig, tokenizer) -> TokenDocuments:
 
 
 def _prepared_mean_tokens(path: str) -> float:
-    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    manifest = json.loads((storage.path(path) / MANIFEST).read_text())
     return manifest["tokens"] / max(manifest["documents"], 1)
 
 

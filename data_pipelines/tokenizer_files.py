@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
+from etils.epath import Path
+
+from ettin_jax import storage
 
 # What transformers' tokenizers read from a model directory (and ettin-jax writes).
 TOKENIZER_FILES = (
@@ -24,7 +25,8 @@ def tokenizer_file_names(directory: Path) -> tuple[str, ...]:
 
 
 def copy_tokenizer_files(source: Path, target: Path) -> tuple[str, ...]:
-    """Copies the tokenizer files of `source` into `target` (created); returns their names.
+    """Copies the tokenizer files of `source` into `target` (created; either may be a URL),
+    each atomically; returns their names.
 
     Raises FileNotFoundError naming `source` when it holds none.
     """
@@ -32,7 +34,7 @@ def copy_tokenizer_files(source: Path, target: Path) -> tuple[str, ...]:
     if not names:
         raise FileNotFoundError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     target.mkdir(parents=True, exist_ok=True)
-    if source.resolve() != target.resolve():
+    if storage.absolute(source) != storage.absolute(target):
         for name in names:
-            shutil.copyfile(source / name, target / name)
+            storage.copy_file(source / name, target / name)
     return names

@@ -29,6 +29,7 @@ import numpy as np
 import sentencepiece as spm
 
 from data_pipelines.special_tokens import SpecialTokens, with_special_tokens
+from ettin_jax import storage
 
 SPECIAL_TOKEN_TEXT: dict[str, str] = {
     "pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]",
@@ -74,8 +75,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """From the tokenizer's file, or a directory holding it under its usual name (`FILE`)."""
-        path = Path(path)
+        """From the tokenizer's file, or a directory holding it under its usual name (`FILE`);
+        local or a URL."""
+        path = storage.path(path)
         file = path / cls.FILE if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no such tokenizer file")
@@ -118,7 +120,7 @@ class Tokenizer:
         tokenizer.json equivalent (`sentencepiece_tokenizer_json`).
         """
         tokenizer_json = None if objective is None else self.hf_tokenizer_json(objective)
-        directory = Path(directory)
+        directory = storage.path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         data = self._data if self.BINARY else self._data.encode("utf-8")
         (directory / self.FILE).write_bytes(data)
@@ -390,8 +392,8 @@ class HFTokenizer(Tokenizer):
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer at `path`: a directory with tokenizer.model (SentencePiece, preferred) or
     tokenizer.json (HuggingFace), or one of those files. Raises FileNotFoundError / TokenizerError
-    naming the path."""
-    path = Path(path)
+    naming the path. `path` may be a URL."""
+    path = storage.path(path)
     if path.is_dir():
         if (path / SENTENCEPIECE_FILE).is_file():
             return SentencePieceTokenizer.load(path)

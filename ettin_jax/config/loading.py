@@ -12,11 +12,12 @@ import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+from etils import epath
 
+from ettin_jax import storage
 from ettin_jax.config.schema import MEMBERS, MemberChanges, PhaseConfig, Recipe, TrainConfig
 from ettin_jax.errors import ConfigError, did_you_mean
 from ettin_jax.models.config import ModelConfig
@@ -54,7 +55,7 @@ def parse_yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 
 
-def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(path: storage.PathLike | None = None, overrides: Sequence[str] = ()) -> Recipe:
     """Loads a recipe from a YAML (.yaml/.yml) or gin (.gin) file, then applies overrides.
 
     Args:
@@ -64,7 +65,7 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     and the valid choices.
     """
     source = "<defaults>" if path is None else str(path)
-    raw, lines = ({}, {}) if path is None else read_recipe_file(Path(path))
+    raw, lines = ({}, {}) if path is None else read_recipe_file(storage.path(path))
     return _build_with_overrides(raw, overrides, source, lines)
 
 
@@ -104,7 +105,7 @@ def dataclass_from_dict(cls: type, raw: Mapping[str, Any], *, source: str, key: 
     return build_dataclass(cls, raw, key=key, where=_Where(source, {}))
 
 
-def read_recipe_file(path: Path) -> tuple[RawTree, dict[str, int]]:
+def read_recipe_file(path: epath.Path) -> tuple[RawTree, dict[str, int]]:
     """The raw tree of a YAML or gin recipe file, and {dotted key: 1-based line} of the keys it
     sets (for error messages), from one read and one parse. Raises ConfigError for unreadable
     files."""
@@ -113,7 +114,8 @@ def read_recipe_file(path: Path) -> tuple[RawTree, dict[str, int]]:
     if path.suffix == ".gin":
         from ettin_jax.config.gin_files import gin_key_lines, read_gin_file
 
-        return read_gin_file(path), gin_key_lines(path.read_text())
+        with storage.local_copy(path) as local:  # gin reads local files only
+            return read_gin_file(local), gin_key_lines(path.read_text())
     if path.suffix not in (".yaml", ".yml"):
         raise ConfigError(f"{path}: unknown recipe format {path.suffix!r}; use .yaml, .yml or .gin")
     loader = _YamlLoader(path.read_text())

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ettin_jax.errors import MetricsError
-from ettin_jax.files import write_text_atomically
+from ettin_jax.storage import write_text_atomically
 
 FINETUNE_DIR = "finetune"
 RESULTS_FILE = "results.json"

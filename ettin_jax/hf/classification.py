@@ -26,7 +26,7 @@ import numpy as np
 
 from data_pipelines.special_tokens import PROJECT, SpecialTokens
 from data_pipelines.tokenizer_files import tokenizer_file_names
-from ettin_jax.files import write_text_atomically
+from ettin_jax.storage import write_text_atomically
 from ettin_jax.hf.config import from_hf_classifier_config, to_hf_classifier_config
 from ettin_jax.hf.keymap import (
     check_hf_tensors,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from pathlib import Path
+from etils.epath import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,8 @@ from data_pipelines.special_tokens import PROJECT, SpecialTokens
 from data_pipelines.tokenizer_files import copy_tokenizer_files, tokenizer_file_names
 from data_pipelines.tokenizers import TokenizerError, load_tokenizer
 from ettin_jax.errors import CheckpointError
-from ettin_jax.files import write_atomically, write_text_atomically
+from ettin_jax import storage
+from ettin_jax.storage import write_atomically, write_text_atomically
 from ettin_jax.hf.config import from_hf_config, to_hf_config
 from ettin_jax.hf.keymap import (
     TIED_HF_NAMES,
@@ -125,13 +126,14 @@ def save_pretrained(
     special_tokens.check_vocab(model.config.vocab_size)
     config, objective = model.config, model.objective
     params = {path_: np.asarray(value) for path_, value in named_params(model).items()}
-    path = Path(path)
+    path = storage.path(path)
     tensors, elements = write_hf_weights(path, params, config, objective)
     model_params = elements
     hf_config = to_hf_config(config, objective, special_tokens)
     write_text_atomically(path / CONFIG_FILE,
                           json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    written = write_tokenizer(Path(tokenizer_dir), path, objective) if tokenizer_dir else ()
+    written = (write_tokenizer(storage.path(tokenizer_dir), path, objective) if tokenizer_dir
+               else ())
     return ExportReport(path, len(tensors), elements, model_params, written)
 
 
@@ -159,9 +161,9 @@ def from_pretrained(path: str | Path) -> PretrainedModel:
     Reads config.json and model.safetensors (or its shards); weights become float32 params.
     Raises CheckpointError for a directory that is not such a checkpoint, a missing or unexpected
     tensor, a shape mismatch (naming the tensor and both shapes), an untied decoder, or a
-    config value the architecture cannot represent.
+    config value the architecture cannot represent. `path` may be a URL.
     """
-    path = Path(path)
+    path = storage.path(path)
     hf_config = read_hf_config(path)
     config_path = path / CONFIG_FILE
     config, objective, special_tokens = from_hf_config(hf_config, source=str(config_path))
@@ -233,7 +235,8 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for file in files:
         try:
-            tensors.update(load_file(file))
+            with storage.local_copy(file) as local:  # safetensors reads local files only
+                tensors.update(load_file(local))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file}: cannot read safetensors: {err}") from None
     return tensors
@@ -246,7 +249,7 @@ def with_tokenizer_ids(special: SpecialTokens, tokenizer_dir: Path | None) -> Sp
         return special
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = Tokenizer.from_str(tokenizer_file.read_text())
     ids = {name: tokenizer.token_to_id(token) for name, token in (("mask", "[MASK]"),
                                                                     ("unk", "[UNK]"))}
     return dataclasses.replace(special, **{k: v for k, v in ids.items() if v is not None})

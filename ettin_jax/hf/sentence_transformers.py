@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.special_tokens import PROJECT, SpecialTokens
-from ettin_jax.files import write_text_atomically
+from ettin_jax.storage import write_text_atomically
 from ettin_jax.hf.config import to_hf_config
 from ettin_jax.hf.keymap import key_rules
 from ettin_jax.hf.pretrained import CONFIG_FILE, write_hf_weights, write_tokenizer

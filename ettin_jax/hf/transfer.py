@@ -3,8 +3,9 @@ what `ettin-jax export`, `import` and `convert` do."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from etils.epath import Path
 
+from ettin_jax import storage
 from ettin_jax.errors import CheckpointError
 from ettin_jax.hf.pretrained import (
     CONFIG_FILE,
@@ -37,7 +38,7 @@ def export_checkpoint(
     reports = {}
     for name, member in find_members(source).items():
         restored = restore_weights(member, step=step)
-        target = Path(out) / name if out is not None else _member_dir(member) / HF_DIR
+        target = storage.path(out) / name if out is not None else _member_dir(member) / HF_DIR
         reports[name] = save_pretrained(
             restored.model, target, special_tokens=restored.special_tokens,
             tokenizer_dir=restored.tokenizer_dir,
@@ -47,7 +48,7 @@ def export_checkpoint(
 
 def _member_dir(path: Path) -> Path:
     """The member directory of a member or step directory (MEMBER/checkpoints/<step>)."""
-    path = Path(path)
+    path = storage.path(path)
     return path.parent.parent if path.parent.name == CHECKPOINTS else path
 
 
@@ -68,7 +69,7 @@ def convert_objective(source: str | Path, out: str | Path, *, to: str) -> Path:
     if to not in MEMBERS:
         raise ValueError(f"--to must be one of {', '.join(MEMBERS)}, got {to!r}")
     objective = MEMBERS[to]
-    source = Path(source)
+    source = storage.path(source)
     if (source / CONFIG_FILE).is_file():
         pretrained = from_pretrained(source)
     else:
@@ -83,7 +84,7 @@ def convert_objective(source: str | Path, out: str | Path, *, to: str) -> Path:
         save_pretrained(converted, out)
     else:
         _save_native(converted, out)
-    return Path(out)
+    return storage.path(out)
 
 
 def _save_native(pretrained: PretrainedModel, out: str | Path) -> Path:

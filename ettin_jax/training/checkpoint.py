@@ -11,8 +11,9 @@
       tokenizer/                    tokenizer files (optional), shared by every step
       unreadable-checkpoints/<step> (training) steps found damaged on resume, set aside
 
-Orbax writes each step to a temporary directory and renames it when complete, so a step that
-was being written when the process died is never listed. Other items (optimizer state, data
+Orbax finalizes a step when it is complete (a renamed temporary directory on a local disk, a
+`commit_success.txt` written last in object storage), so a step that was being written when the
+process died is never listed. MEMBER_DIR may be a gs:// or s3:// URL (`ettin_jax.storage`). Other items (optimizer state, data
 iterator) sit next to `params` in the same step; weights-only restore reads `params` and `meta`
 alone.
 """
@@ -20,28 +21,30 @@ alone.
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils.epath import Path
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from data_pipelines.special_tokens import SpecialTokens
 from data_pipelines.tokenizer_files import copy_tokenizer_files
+from ettin_jax import storage
 from ettin_jax.config.loading import dataclass_from_dict, recipe_to_dict
 from ettin_jax.config.schema import MEMBERS, CheckpointConfig
 from ettin_jax.errors import CheckpointError, ConfigError, MissingCheckpointError, first_line
 from ettin_jax.models import EttinModel, ModelConfig
 from ettin_jax.models.config import OBJECTIVES, Objective, model_differences
+from ettin_jax.storage import PathLike
 from ettin_jax.training.state import TrainState, placed_token_count
 
 CHECKPOINTS = "checkpoints"
 UNREADABLE = "unreadable-checkpoints"
 TOKENIZER = "tokenizer"
 PHASE_END = "PHASE_END"  # in a step directory: the step ended the phase the file names
+COMMIT_FILE = "commit_success.txt"  # orbax's mark of a finished step in object storage
 FORMAT_VERSION = 1
 
 
@@ -64,11 +67,11 @@ def checkpoint_meta(config: ModelConfig, objective: Objective,
 
 
 def save_weights(
-    member_dir: str | Path,
+    member_dir: PathLike,
     model: EttinModel,
     *,
     special_tokens: SpecialTokens,
-    tokenizer_dir: str | Path | None = None,
+    tokenizer_dir: PathLike | None = None,
     step: int = 0,
 ) -> Path:
     """Writes `model`'s parameters as checkpoint `step` of `member_dir`; returns the step dir.
@@ -76,30 +79,30 @@ def save_weights(
     Copies the tokenizer files of `tokenizer_dir` to MEMBER_DIR/tokenizer. Raises
     CheckpointError when the step already exists.
     """
-    member_dir = Path(member_dir).absolute()
+    member_dir = storage.absolute(member_dir)
     meta = checkpoint_meta(model.config, model.objective, special_tokens)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with ocp.CheckpointManager(member_dir / CHECKPOINTS) as manager:
+    with _manager(member_dir) as manager:
         if step in manager.all_steps():
             raise CheckpointError(f"{member_dir / CHECKPOINTS / str(step)} already exists")
         manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
     if tokenizer_dir is not None:
-        copy_tokenizer_files(Path(tokenizer_dir), member_dir / TOKENIZER)
+        copy_tokenizer_files(storage.path(tokenizer_dir), member_dir / TOKENIZER)
     return member_dir / CHECKPOINTS / str(step)
 
 
-def restore_weights(path: str | Path, *, step: int | None = None) -> RestoredWeights:
+def restore_weights(path: PathLike, *, step: int | None = None) -> RestoredWeights:
     """The model saved at `path`: a member directory (latest complete step, or `step`) or one
     step directory (MEMBER_DIR/checkpoints/<step>).
 
     Raises CheckpointError when `path` holds no complete checkpoint, or its metadata is not
     one this version reads.
     """
-    member_dir, step = _locate(Path(path), step)
+    member_dir, step = _locate(storage.absolute(path), step)
     step_dir = member_dir / CHECKPOINTS / str(step)
-    with ocp.CheckpointManager(member_dir.absolute() / CHECKPOINTS) as manager:
+    with _manager(member_dir) as manager:
         try:
             meta = manager.restore(step, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore()))["meta"]
@@ -125,38 +128,38 @@ def restore_weights(path: str | Path, *, step: int | None = None) -> RestoredWei
             ) from None
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
-    tokenizer_dir = member_dir.absolute() / TOKENIZER
+    tokenizer_dir = member_dir / TOKENIZER
     return RestoredWeights(model, special_tokens, tokenizer_dir if tokenizer_dir.is_dir() else None,
-                           step, step_dir.absolute())
+                           step, step_dir)
 
 
-def read_objective(path: str | Path) -> Objective:
+def read_objective(path: PathLike) -> Objective:
     """The objective of the model saved at `path` (a member or step directory, as
     `restore_weights` takes it), from its metadata alone. Raises CheckpointError as
     restore_weights does."""
-    member_dir, step = _locate(Path(path), None)
-    with ocp.CheckpointManager(member_dir.absolute() / CHECKPOINTS) as manager:
+    member_dir, step = _locate(storage.absolute(path), None)
+    with _manager(member_dir) as manager:
         meta = manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
     return _read_meta(meta, member_dir / CHECKPOINTS / str(step))[1]
 
 
-def restore_progress(member_dir: str | Path, step: int) -> dict:
+def restore_progress(member_dir: PathLike, step: int) -> dict:
     """The `progress` item of training checkpoint `step` (phase, tokens, data state); {} for a
     checkpoint written by `save_weights` (import, convert)."""
-    member_dir = Path(member_dir).absolute()
+    member_dir = storage.absolute(member_dir)
     if not (member_dir / CHECKPOINTS / str(step) / "progress").is_dir():
         return {}
-    with ocp.CheckpointManager(member_dir / CHECKPOINTS) as manager:
+    with _manager(member_dir) as manager:
         return manager.restore(step, args=ocp.args.Composite(
             progress=ocp.args.JsonRestore()))["progress"]
 
 
-def find_members(path: str | Path) -> dict[str, Path]:
+def find_members(path: PathLike) -> dict[str, Path]:
     """The checkpoints under `path`: {"encoder": dir, "decoder": dir} for a run directory, or
     {"": path} for a member or step directory. Raises MissingCheckpointError, saying how to
     train one, when there are none."""
-    path = Path(path)
+    path = storage.path(path)
     members = {name: path / name for name in MEMBERS if (path / name / CHECKPOINTS).is_dir()}
     if members:
         return members
@@ -170,11 +173,11 @@ def find_members(path: str | Path) -> dict[str, Path]:
         f"{_train_first(path)}", path)
 
 
-def has_checkpoints(run_dir: str | Path) -> bool:
-    """Whether a member of RUN_DIR holds a complete checkpoint step (orbax names a step being
-    written otherwise, so a started but never saved run has none)."""
-    return any(step.name.isdigit() for member in MEMBERS
-               for step in (Path(run_dir) / member / CHECKPOINTS).glob("*"))
+def has_checkpoints(run_dir: PathLike) -> bool:
+    """Whether a member of RUN_DIR holds a complete checkpoint step (orbax's finalized steps:
+    a started but never saved run has none)."""
+    return any(ocp.path.step.checkpoint_steps(storage.path(run_dir) / member / CHECKPOINTS)
+               for member in MEMBERS)
 
 
 def _train_first(path: Path) -> str:
@@ -202,6 +205,13 @@ def forget_failed_reads() -> None:
         logger.disabled = disabled
 
 
+def _manager(member_dir: Path, **options) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager of MEMBER_DIR/checkpoints, atomic where the directory is
+    (`storage.checkpoint_options`)."""
+    return ocp.CheckpointManager(member_dir / CHECKPOINTS, options=ocp.CheckpointManagerOptions(
+        **options, **storage.checkpoint_options(member_dir)))
+
+
 def _is_step_dir(path: Path) -> bool:
     return path.parent.name == CHECKPOINTS and path.name.isdigit() and path.is_dir()
 
@@ -216,7 +226,7 @@ def _locate(path: Path, step: int | None) -> tuple[Path, int]:
         member_dir, wanted = path, step
     else:
         raise CheckpointError(f"{path}: not a checkpoint directory (no {CHECKPOINTS}/ inside)")
-    with ocp.CheckpointManager(member_dir.absolute() / CHECKPOINTS) as manager:
+    with _manager(member_dir) as manager:
         steps = manager.all_steps()
     if not steps:
         raise MissingCheckpointError(f"{member_dir / CHECKPOINTS}: no complete checkpoint yet; "
@@ -265,17 +275,15 @@ class TrainCheckpointer:
     Only complete steps are ever listed or restored (orbax finalizes a step by renaming it).
     """
 
-    def __init__(self, member_dir: str | Path, config: CheckpointConfig):
-        self.member_dir = Path(member_dir).absolute()
+    def __init__(self, member_dir: PathLike, config: CheckpointConfig):
+        self.member_dir = storage.absolute(member_dir)
         policies = [preservation_policy.LatestN(config.keep),
                     _PhaseEnds(self.member_dir / CHECKPOINTS)]
         if config.keep_every:
             policies.append(preservation_policy.EveryNSteps(config.keep_every))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation_policy.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=True, create=True,
-        )
-        self._manager = ocp.CheckpointManager(self.member_dir / CHECKPOINTS, options=options)
+        self._manager = _manager(
+            self.member_dir, enable_async_checkpointing=True, create=True,
+            preservation_policy=preservation_policy.AnyPreservationPolicy(policies))
 
     def __enter__(self) -> TrainCheckpointer:
         return self
@@ -311,7 +319,7 @@ class TrainCheckpointer:
             target = target.with_name(f"{step}-{copy}")
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
+            storage.move_tree(source, target, first=COMMIT_FILE)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -365,7 +373,8 @@ class TrainCheckpointer:
         forever (the next phase starts from it; a released intermediate model)."""
         self._manager.wait_until_finished()
         if jax.process_index() == 0:
-            (self.member_dir / CHECKPOINTS / str(step) / PHASE_END).write_text(phase + "\n")
+            storage.write_text_atomically(self.member_dir / CHECKPOINTS / str(step) / PHASE_END,
+                                          phase + "\n")
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""

@@ -43,11 +43,19 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
 
 
 def _in_a_cluster() -> bool:
-    """Whether the environment describes several processes (SLURM, or a multi-host TPU)."""
+    """Whether the environment describes several processes: SLURM, a multi-host TPU on GKE
+    (TPU_WORKER_HOSTNAMES), or a Cloud TPU VM of a queued resource (`ettin-jax launch tpu`),
+    which JAX recognises by asking the VM's metadata server, as `jax.distributed.initialize`
+    does."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return "," in hosts and not any(ch.isspace() for ch in hosts)
+    if "," in hosts and not any(ch.isspace() for ch in hosts):
+        return True
+    from jax._src import cloud_tpu_init
+    from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster
+
+    return cloud_tpu_init.running_in_cloud_tpu_vm and GceTpuCluster.is_env_present()
 
 
 def any_process(flag: bool) -> bool:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 from flax import nnx
 
 from data_pipelines.pipeline import make_batch_iterator
 from data_pipelines.tokenizers import load_tokenizer
+from ettin_jax import storage
 from ettin_jax.config import Recipe, load_recipe, override_recipe
 from ettin_jax.errors import CheckpointError, ConfigError
 from ettin_jax.models.config import Objective
@@ -85,7 +85,7 @@ def make_evaluator(recipe: Recipe, objective: Objective, tokenizer, mesh, params
     return evaluate
 
 
-def evaluate_run(run_dir: str | Path, *, batches: int | None = None,
+def evaluate_run(run_dir: storage.PathLike, *, batches: int | None = None,
                  overrides: Sequence[str] = ()) -> dict[str, dict]:
     """Evaluates the latest complete checkpoint of each member in RUN_DIR on its recipe's
     held-out data, with the settings (sequence length, chunking) of the phase that checkpoint
@@ -96,7 +96,7 @@ def evaluate_run(run_dir: str | Path, *, batches: int | None = None,
     Raises CheckpointError / ConfigError naming the run directory when it holds no run, and
     ConfigError when the phase has no held-out data.
     """
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     members = find_members(run_dir)
     recipe_file = run_dir / RECIPE_FILE
     if not recipe_file.is_file():

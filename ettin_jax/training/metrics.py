@@ -1,18 +1,28 @@
 """Training metrics: one JSON object per logged step in metrics.jsonl, TensorBoard event files
-(tensorboardX: no TensorFlow), a progress bar, and the MFU estimate."""
+(tensorboardX: no TensorFlow), a progress bar, and the MFU estimate.
+
+In object storage (a gs:// or s3:// run directory) an object cannot be appended to:
+metrics.jsonl and the TensorBoard event files (written to a local directory) are uploaded
+whole, at most every `UPLOAD_SECONDS` and whenever the run saves a checkpoint
+(`MetricsLog.flush`), so the records of every step up to the last checkpoint are there after a
+crash. Each upload replaces the object at once."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
-from pathlib import Path
+import tempfile
+import time
 from typing import Any
 
 from tqdm import tqdm
 
-from ettin_jax.files import write_text_atomically
+from ettin_jax import storage
+from ettin_jax.storage import PathLike, write_text_atomically
 
 METRICS_FILE = "metrics.jsonl"
+UPLOAD_SECONDS = 30.0  # the most time between uploads of metrics.jsonl to object storage
 
 
 class MetricsLog:
@@ -23,19 +33,32 @@ class MetricsLog:
     bounded by tokens only; `advance` moves it in the same unit.
     """
 
-    def __init__(self, member_dir: Path, *, resume_step: int, desc: str,
+    def __init__(self, member_dir: PathLike, *, resume_step: int, desc: str,
                  progress: tuple[int, int], enabled: bool = True, tensorboard: bool = True):
+        member_dir = storage.path(member_dir)
         self.path = member_dir / METRICS_FILE
         self.enabled = enabled
         self._events = None
+        # In object storage: every line of the file, where the event files are written before
+        # their upload, and when both were last uploaded.
+        self._lines: list[str] | None = None
+        self._events_dir = member_dir / "events"
+        self._local_events: str | None = None
+        self._uploaded = time.monotonic()
         if enabled:
             member_dir.mkdir(parents=True, exist_ok=True)
-            kept = [r for r in read_metrics(member_dir) if r["step"] <= resume_step]
-            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            kept = [json.dumps(r) + "\n" for r in read_metrics(member_dir)
+                    if r["step"] <= resume_step]
+            write_text_atomically(self.path, "".join(kept))
+            if storage.is_remote(self.path):
+                self._lines = kept
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self._events = SummaryWriter(str(member_dir / "events"), purge_step=resume_step + 1)
+                events = str(self._events_dir)
+                if storage.is_remote(events):
+                    events = self._local_events = tempfile.mkdtemp(prefix="ettin-jax-events-")
+                self._events = SummaryWriter(events, purge_step=resume_step + 1)
         total, done = progress
         self._bar = tqdm(total=total, initial=done, desc=desc, unit_scale=True,
                          disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
@@ -43,8 +66,13 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         """Writes one record (must hold `step` and `loss`)."""
         if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            if self._lines is None:
+                with open(self.path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            else:
+                self._lines.append(json.dumps(record) + "\n")
+                if time.monotonic() - self._uploaded >= UPLOAD_SECONDS:
+                    self.flush()
             if self._events is not None:
                 for name, value in record.items():
                     if name != "step" and isinstance(value, (int, float)):
@@ -56,14 +84,29 @@ class MetricsLog:
         """Moves the progress bar by `amount` steps (or tokens)."""
         self._bar.update(amount)
 
+    def flush(self) -> None:
+        """Makes every record logged so far readable in metrics.jsonl and the event files
+        (uploads them whole in object storage; local files have them already)."""
+        if self.enabled and self._lines is not None:
+            write_text_atomically(self.path, "".join(self._lines))
+            if self._local_events is not None:
+                if self._events is not None:
+                    self._events.flush()
+                storage.upload_tree(self._local_events, self._events_dir)
+            self._uploaded = time.monotonic()
+
     def close(self) -> None:
-        """Flushes the event file and closes the progress bar."""
+        """Writes the records and events out and closes the progress bar."""
         if self._events is not None:
             self._events.close()
+            self._events = None
+        self.flush()
+        if self._local_events is not None:
+            shutil.rmtree(self._local_events, ignore_errors=True)
         self._bar.close()
 
 
-def read_metrics_file(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+def read_metrics_file(path: PathLike) -> tuple[list[dict[str, Any]], int]:
     """Parses a metrics.jsonl file, tolerating damage.
 
     Returns (records, skipped): records in file order, each a JSON object with a numeric "step";
@@ -71,7 +114,7 @@ def read_metrics_file(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     process, or any other garbage). Raises FileNotFoundError when `path` does not exist.
     """
     records, skipped = [], 0
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in storage.path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
@@ -87,10 +130,10 @@ def read_metrics_file(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     return records, skipped
 
 
-def read_metrics(member_dir: Path) -> list[dict[str, Any]]:
+def read_metrics(member_dir: PathLike) -> list[dict[str, Any]]:
     """The records of MEMBER_DIR/metrics.jsonl (none when it does not exist), damaged lines
     left out."""
-    path = member_dir / METRICS_FILE
+    path = storage.path(member_dir) / METRICS_FILE
     return read_metrics_file(path)[0] if path.is_file() else []
 
 

@@ -14,14 +14,14 @@ budgets, schedules, phases) refuses unless `force`. A run directory without any 
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 from typing import Any
 
 import jax
 
 from ettin_jax.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
 from ettin_jax.errors import ConfigError
-from ettin_jax.files import write_text_atomically
+from ettin_jax import storage
+from ettin_jax.storage import PathLike, write_text_atomically
 from ettin_jax.training.checkpoint import has_checkpoints
 
 RECIPE_FILE = "recipe.yaml"
@@ -53,7 +53,7 @@ def recipe_differences(old: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
     return dict(sorted(differences.items()))
 
 
-def claim_run_dir(run_dir: str | Path, recipe: Recipe, *, force: bool = False
+def claim_run_dir(run_dir: PathLike, recipe: Recipe, *, force: bool = False
                   ) -> dict[str, tuple[Any, Any]]:
     """Makes RUN_DIR hold `recipe`: writes RUN_DIR/recipe.yaml (process 0) when there is none,
     when no checkpoint was saved under it yet, or when the one there differs only in
@@ -62,7 +62,7 @@ def claim_run_dir(run_dir: str | Path, recipe: Recipe, *, force: bool = False
     Returns the differences accepted ({} for a new or identical recipe). Raises ConfigError
     naming the run directory and the differing keys when the recipe there is another one.
     """
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     path = run_dir / RECIPE_FILE
     changes: dict[str, tuple[Any, Any]] = {}
     if path.is_file() and has_checkpoints(run_dir):

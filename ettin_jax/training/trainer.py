@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from pathlib import Path
 
 import jax
+from etils.epath import Path
 from jax.experimental import multihost_utils
 
 from data_pipelines.pipeline import load_data_tokenizer
+from ettin_jax import storage
 from ettin_jax.config import PhaseConfig, Recipe, member_of, recipe_to_dict
 from ettin_jax.models.config import Objective
 from ettin_jax.models.describe import training_flops_per_token
@@ -63,13 +64,13 @@ class MemberResult:
     failed: bool = False
 
 
-def train_pair(recipe: Recipe, run_dir: str | Path, *, only: str | None = None,
+def train_pair(recipe: Recipe, run_dir: storage.PathLike, *, only: str | None = None,
                force: bool = False) -> dict[str, MemberResult]:
     """Trains the recipe's members (train.objectives, or `only` "encoder"/"decoder") into
     RUN_DIR/<member>, each through every phase, after checking the recipe's inputs
     (`preflight`). Writes RUN_DIR/recipe.yaml; refuses a run dir whose checkpoints belong to
     another recipe unless the change is resume-compatible or `force` (`run_dir`)."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     members = recipe_members(recipe, only)
     tokenizer = load_data_tokenizer(recipe.data)
     mesh = make_mesh(recipe.mesh)
@@ -235,6 +236,8 @@ def _phase_hooks(recipe: Recipe, phase: PhaseConfig, index: int, objective: Obje
                                                      tokenizer.special_tokens),
                                 recipe=recipe_to_dict(recipe)),
                 also=lambda info: info.stopped, waits=True)
+    hooks.every(recipe.checkpoint.every_steps, lambda info: log.flush(),
+                also=lambda info: info.stopped)
     return hooks
 
 

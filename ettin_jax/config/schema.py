@@ -204,15 +204,56 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging of each member's run (`ettin_jax.training.wandb_logging`).
+
+    project / entity: where the runs go (null: W&B's own choice, $WANDB_PROJECT /
+    $WANDB_ENTITY or the account's default); name: the runs are "<name>-encoder" and
+    "<name>-decoder" (null: the run directory's last component); group: groups the pair's runs
+    (null: the name); tags: added to each run with its member's name; notes: the runs'
+    description; mode: "online", "offline" (`wandb sync` later) or "disabled" (null:
+    $WANDB_MODE, else online); alerts: a W&B alert when a phase ends and when a run stops
+    early.
+    """
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+    notes: str | None = None
+    mode: Literal["online", "offline", "disabled"] | None = None
+    alerts: bool = False
+
+    MODES: ClassVar[tuple[str, ...]] = ("online", "offline", "disabled")
+
+    def __post_init__(self) -> None:
+        for field in ("project", "entity", "name", "group"):
+            value = getattr(self, field)
+            _require(value is None or (isinstance(value, str) and value.strip() != ""),
+                     f"{field} must be a non-empty string or null, got {value!r}")
+        for field in ("project", "entity"):  # W&B refuses these characters in both
+            value = getattr(self, field) or ""
+            bad = sorted(set(value) & set("/\\#?%:"))
+            _require(not bad, f"{field} {value!r} must not contain {' '.join(bad)}")
+        for tag in self.tags:
+            _require(isinstance(tag, str) and 0 < len(tag) <= 64,
+                     f"tags must be strings of 1 to 64 characters (W&B's limit), got {tag!r}")
+        _require(self.mode is None or self.mode in self.MODES,
+                 f"mode must be one of {', '.join(self.MODES)} or null, got {self.mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     """Metrics: log every `every_steps` steps (metrics.jsonl, and TensorBoard events when
-    `tensorboard`); evaluate on `eval_batches` held-out batches every `eval_every_steps` steps
-    (0: never)."""
+    `tensorboard`, and to Weights & Biases when `wandb` is set); evaluate on `eval_batches`
+    held-out batches every `eval_every_steps` steps (0: never)."""
 
     every_steps: int = 10
     tensorboard: bool = True
     eval_every_steps: int = 0
     eval_batches: int = 4
+    wandb: WandbConfig | None = None
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, f"every_steps must be >= 1, got {self.every_steps}")

@@ -48,6 +48,7 @@ from ettin_jax.training.run_dir import claim_run_dir
 from ettin_jax.training.schedules import learning_rate_schedule, schedule_tokens
 from ettin_jax.training.state import init_state_shardings
 from ettin_jax.training.step import sharded_train_step
+from ettin_jax.training.wandb_logging import MemberWandb, member_wandb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,18 +111,23 @@ def train_member(recipe: Recipe, objective: Objective, member_dir: Path, *, toke
         logged = read_metrics(member_dir)  # a finished run reports its last logged loss
         result = MemberResult(member_dir.name, step, position.tokens,
                               logged[-1]["loss"] if logged else None)
-        while position.phase < len(recipe.run_phases()) and not result.stopped:
-            position, result = train_phase(recipe, position, objective, member_dir, mesh,
-                                           checkpoints, tokenizer=tokenizer,
-                                           preemption=preemption)
+        with member_wandb(recipe, member_dir, logged=logged) as wandb_run:  # None: no W&B
+            while position.phase < len(recipe.run_phases()) and not result.stopped:
+                position, result = train_phase(recipe, position, objective, member_dir, mesh,
+                                               checkpoints, tokenizer=tokenizer,
+                                               preemption=preemption, wandb_run=wandb_run)
+            if wandb_run is not None:
+                wandb_run.end(result)
     return result
 
 
 def train_phase(recipe: Recipe, position: Position, objective: Objective, member_dir: Path,
                 mesh, checkpoints: TrainCheckpointer, *, tokenizer,
-                preemption: _Preemption | None = None) -> tuple[Position, MemberResult]:
+                preemption: _Preemption | None = None,
+                wandb_run: MemberWandb | None = None) -> tuple[Position, MemberResult]:
     """Runs phase `position.phase` from `position` to its end (-> the next phase's start) or
-    until it stops early (preemption, divergence).
+    until it stops early (preemption, divergence); `wandb_run`: the member's W&B run, which
+    gets the metrics records and the phase's end.
 
     The host never waits for the device between steps: batches are made ahead on a thread
     (`batches.PhaseBatches`, which also counts their tokens), the step computes its own
@@ -152,6 +158,8 @@ def train_phase(recipe: Recipe, position: Position, objective: Objective, member
                          else (train.tokens, position.phase_tokens),
                          enabled=jax.process_index() == 0,
                          tensorboard=recipe.logging.tensorboard)
+        if wandb_run is not None:
+            log = wandb_run.tee(log)
         hooks = _phase_hooks(recipe, phase, index, objective, mesh, shardings, checkpoints,
                              log, tokenizer)
     tokens = position.tokens
@@ -195,6 +203,8 @@ def train_phase(recipe: Recipe, position: Position, objective: Objective, member
                     info.phase_tokens if info else position.phase_tokens, tokens)
     if result.stopped:
         return here, result
+    if wandb_run is not None:
+        wandb_run.phase_end(index, phase.name, result)
     with jax.transfer_guard("allow"):
         return next_phase(recipe, here, objective, mesh), result
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ettin_jax import storage
 from ettin_jax.config import load_recipe, recipe_to_dict
 from ettin_jax.errors import ConfigError
 from ettin_jax.training import wandb_logging
@@ -279,14 +280,22 @@ def test_a_stopped_run_says_why_and_an_error_finishes_it(tmp_path, offline_wandb
         assert wandb_run is None  # no logging.wandb: no W&B
 
 
-def test_a_bucket_run_dir_keeps_wandb_files_in_the_local_cache(tmp_path, offline_wandb,
-                                                                monkeypatch):
+def test_training_into_a_bucket_logs_to_wandb(tmp_path, tokenizer_dir, offline_wandb,
+                                               monkeypatch):
+    from object_stores import BUCKET, GcsServer
+
     monkeypatch.delenv("WANDB_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    recipe = load_recipe(TINY, ["logging.wandb={name: pod, mode: offline}"])
-    with wandb_logging.member_wandb(recipe, "gs://bucket/runs/r1/encoder", logged=[]) as run:
-        run.log_record({"step": 1, "loss": 2.5})
-        assert run.run.name == "pod-encoder"
+    run = f"gs://{BUCKET}/runs/{tmp_path.name}"
+    recipe = load_recipe(TINY, [*SMALL, f"data.tokenizer={tokenizer_dir}", "train.steps=2",
+                                "logging.eval_every_steps=0"])
+    with GcsServer() as gcs:
+        for name, value in gcs.env.items():
+            monkeypatch.setenv(name, value)
+        train_pair(recipe, run)
+        records = read_metrics(storage.path(run) / "encoder")
     (only,) = offline_runs(tmp_path / "cache" / "ettin-jax" / "wandb",
-                           wandb_run_id("gs://bucket/runs/r1", "encoder"))
-    assert only["history"][1]["loss"] == 2.5
+                           wandb_run_id(run, "encoder"))
+    assert only["run"].display_name == "tiny-encoder"
+    assert [r["step"] for r in records] == sorted(only["history"]) == [1, 2]
+    assert [only["history"][r["step"]]["loss"] for r in records] == [r["loss"] for r in records]

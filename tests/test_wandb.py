@@ -299,3 +299,14 @@ def test_training_into_a_bucket_logs_to_wandb(tmp_path, tokenizer_dir, offline_w
     assert only["run"].display_name == "tiny-encoder"
     assert [r["step"] for r in records] == sorted(only["history"]) == [1, 2]
     assert [only["history"][r["step"]]["loss"] for r in records] == [r["loss"] for r in records]
+
+
+def test_wandb_refusing_the_run_says_how_to_go_on(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "w"))
+    recipe = load_recipe(TINY, ["logging.wandb={project: p, mode: online}"])
+    with pytest.raises(ConfigError, match=r"logging.wandb: W&B cannot open run encoder-\w+ "
+                                          r"\(run-encoder\) of .*logging.wandb.mode=offline"):
+        with wandb_logging.member_wandb(recipe, tmp_path / "run" / "encoder", logged=[]):
+            pass

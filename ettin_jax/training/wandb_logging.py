@@ -188,12 +188,18 @@ def open_run(config: WandbConfig, recipe: Recipe, run_dir: str | os.PathLike, me
     wandb = import_wandb()
     directory = local_files_dir(run_dir)
     Path(directory).mkdir(parents=True, exist_ok=True)
-    name = run_name(config, run_dir, member)
-    run = wandb.init(
-        project=config.project, entity=config.entity, id=wandb_run_id(run_dir, member),
-        name=name, group=config.group or name.removesuffix(f"-{member}"),
-        tags=[*config.tags, member], notes=config.notes, mode=config.mode, dir=directory,
-        config=recipe_to_dict(recipe), resume="allow")
+    name, run_id = run_name(config, run_dir, member), wandb_run_id(run_dir, member)
+    try:
+        run = wandb.init(
+            project=config.project, entity=config.entity, id=run_id, name=name,
+            group=config.group or name.removesuffix(f"-{member}"), tags=[*config.tags, member],
+            notes=config.notes, mode=config.mode, dir=directory,
+            config=recipe_to_dict(recipe), resume="allow")
+    except wandb.Error as err:  # not logged in, W&B unreachable, a refused project
+        raise ConfigError(
+            f"logging.wandb: W&B cannot open run {run_id} ({name}) of {run_dir}: {err} (W&B "
+            f"logs in with `wandb login` or WANDB_API_KEY; or set logging.wandb.mode=offline "
+            f"and upload the run's files later with `wandb sync`)") from err
     first = last_logged_step(logged, run.starting_step) + 1
     return MemberWandb(run, first_step=first, alerts=config.alerts)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from ettin_jax.errors import (
 )
 from ettin_jax.models.presets import PRESETS
 from ettin_jax.platforms import select_platforms
+from ettin_jax.storage import StorageError
 
 
 def _recipe_or_preset(spec: str, overrides: Sequence[str]) -> Recipe:
@@ -751,6 +753,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"{name}: error: {err}{_make_hint(err)}", file=sys.stderr)
         return 2
+    except StorageError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        # A failed save leaves orbax threads waiting out their timeouts (minutes) before the
+        # interpreter may exit; the error is reported and nothing else is pending.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     except OSError as err:  # disk full, permissions, a vanished mount: the message names it
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2

@@ -35,6 +35,11 @@ PathLike = str | os.PathLike
 REMOTE_SCHEMES = ("gs://", "s3://")
 
 
+class StorageError(OSError):
+    """Writing to a run's storage failed (a bucket refusing or unreachable, a full disk): the
+    message names what was being written, where, and what stays intact."""
+
+
 def is_remote(value: PathLike) -> bool:
     """Whether `value` names object storage (gs:// or s3://) rather than a local path."""
     return os.fspath(value).startswith(REMOTE_SCHEMES)
@@ -221,7 +226,18 @@ def _configure_endpoints() -> None:
         # gcsfs would ask the emulator for the bucket's layout over gRPC, which emulators
         # do not serve (each call waits for a timeout); read when gcsfs is imported.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    _no_listings_cache()
     _teach_orbax_s3()
+
+
+def _no_listings_cache() -> None:
+    """Makes gcsfs and s3fs list directories afresh every time: by default they remember a
+    listing forever, so a process would never see the checkpoint steps other processes (or
+    a later run) wrote."""
+    import fsspec.config
+
+    for protocol in ("gs", "gcs", "s3", "s3a"):
+        fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
 
 
 def _teach_orbax_s3() -> None:

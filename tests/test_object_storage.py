@@ -83,3 +83,80 @@ def test_train_export_and_import_in_a_bucket(servers, scheme, tokenizer_dir, tmp
         from transformers import AutoModelForMaskedLM
 
         assert AutoModelForMaskedLM.from_pretrained(local).config.num_hidden_layers == 2
+
+
+def _complete_steps(member_dir: str) -> list[int]:
+    return ocp.path.step.checkpoint_steps(storage.path(member_dir) / CHECKPOINTS)
+
+
+def _train_command(run_dir: str, data: str, tokenizer: str, steps: int) -> list[str]:
+    return [sys.executable, "-m", "ettin_jax", "train", str(RECIPE), *SMALL,
+            "logging.tensorboard=false", "checkpoint.every_steps=4", f"train.steps={steps}", f"data.tokenizer={tokenizer}",
+            f"data.sources=[{{path: {data}}}]", "--run-dir", run_dir, "--only", "encoder"]
+
+
+def _wait_for_checkpoint(member_dir: str, after: int, process: subprocess.Popen) -> int:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        steps = [s for s in _complete_steps(member_dir) if s > after]
+        if steps:
+            return max(steps)
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint after step {after} in {member_dir}")
+
+
+def test_prepare_kill_9_failing_store_and_resume_in_gcs(servers, tokenizer_dir, tmp_path):
+    """Data prepared into a bucket equals a local preparation byte for byte and trains; a run
+    in a gs:// run dir killed with -9, then refused by the store mid-run (clear error, earlier
+    checkpoints intact), resumes to the losses of an uninterrupted run, every step once."""
+    from object_stores import FaultyProxy
+
+    data = f"gs://{BUCKET}/data/{tmp_path.name}"
+    prepare = ["data", "prepare", "bundled", "--tokenizer", str(tokenizer_dir),
+               "--workers", "1", "--documents-per-shard", "16"]
+    assert main([*prepare, "--out", data]) == 0
+    assert main([*prepare, "--out", str(tmp_path / "data")]) == 0
+    local_files = sorted(p for p in (tmp_path / "data").rglob("*") if p.is_file())
+    for file in local_files:
+        relative = file.relative_to(tmp_path / "data").as_posix()
+        assert (storage.path(data) / relative).read_bytes() == file.read_bytes(), relative
+    assert main([*prepare, "--out", data]) == 0  # finished: the same command does nothing
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    steps = 16
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(str(reference), data, str(tokenizer_dir), steps), env=env,
+                   check=True, capture_output=True)
+    expected = {r["step"]: r["loss"] for r in read_metrics(reference / "encoder")}
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    run = f"gs://{BUCKET}/runs/{tmp_path.name}"
+    command = _train_command(run, data, str(tokenizer_dir), steps)
+    with FaultyProxy(servers["gs"].url) as proxy:
+        env["STORAGE_EMULATOR_HOST"] = proxy.url
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        killed_after = _wait_for_checkpoint(f"{run}/encoder", 0, process)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert killed_after < steps
+
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        resumed_after = _wait_for_checkpoint(f"{run}/encoder", killed_after, process)
+        proxy.failing = True  # the store refuses every request from now on
+        _, err = process.communicate(timeout=240)
+        proxy.failing = False
+        message = err.decode().strip().splitlines()[-1]
+        assert process.returncode == 2, err.decode()[-3000:]
+        assert message.startswith("ettin-jax train: error: "), message
+        assert "could not be written" in message and run in message, message
+        complete = _complete_steps(f"{run}/encoder")
+        assert resumed_after in complete and max(complete) < steps
+        assert restore_weights(f"{run}/encoder").step == max(complete)
+
+        subprocess.run(command, env=env, check=True, capture_output=True)
+    resumed = {r["step"]: r["loss"] for r in read_metrics(f"{run}/encoder")}
+    assert resumed == expected  # every step once, each loss bit-identical

@@ -20,7 +20,9 @@ alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -37,7 +39,7 @@ from ettin_jax.config.schema import MEMBERS, CheckpointConfig
 from ettin_jax.errors import CheckpointError, ConfigError, MissingCheckpointError, first_line
 from ettin_jax.models import EttinModel, ModelConfig
 from ettin_jax.models.config import OBJECTIVES, Objective, model_differences
-from ettin_jax.storage import PathLike
+from ettin_jax.storage import PathLike, StorageError
 from ettin_jax.training.state import TrainState, placed_token_count
 
 CHECKPOINTS = "checkpoints"
@@ -288,8 +290,13 @@ class TrainCheckpointer:
     def __enter__(self) -> TrainCheckpointer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        try:
+            self.close()
+        except StorageError as err:
+            if kind is None:
+                raise
+            warnings.warn(str(err), stacklevel=2)  # the error that stops the run comes first
 
     def latest_step(self) -> int | None:
         """The latest complete step, or None."""
@@ -329,13 +336,29 @@ class TrainCheckpointer:
 
     def save(self, step: int, state: TrainState, *, meta: dict, progress: dict,
              recipe: dict) -> None:
-        """Starts writing checkpoint `step` in the background (returns at once)."""
+        """Starts writing checkpoint `step` in the background (returns at once). Raises
+        StorageError when this or the previous background write failed (the checkpoints
+        written before stay complete and usable)."""
         counters = {"opt_state": state.opt_state, "step": state.step, "skipped": state.skipped,
                     "nonfinite_streak": state.nonfinite_streak}
-        self._manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(counters),
-            meta=ocp.args.JsonSave(meta), progress=ocp.args.JsonSave(progress),
-            recipe=ocp.args.JsonSave(recipe)), force=True)
+        with self._failures(f"checkpoint {step}"):
+            self._manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train=ocp.args.StandardSave(counters), meta=ocp.args.JsonSave(meta),
+                progress=ocp.args.JsonSave(progress), recipe=ocp.args.JsonSave(recipe)),
+                force=True)
+
+    @contextlib.contextmanager
+    def _failures(self, what: str):
+        """Turns a failed write into a StorageError that says what is intact and what to do."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - orbax, TensorStore and fsspec raise anything
+            raise StorageError(
+                f"{self.member_dir / CHECKPOINTS}: {what} could not be written "
+                f"({first_line(err, innermost=True)}); every checkpoint completed before stays "
+                f"intact (a step counts only once all of it is written): rerun the same "
+                f"command once the storage answers and it resumes from the newest") from err
 
     def check_compatible(self, step: int, config: ModelConfig, objective: Objective) -> None:
         """Raises CheckpointError naming the differing fields when step `step` holds another
@@ -377,6 +400,10 @@ class TrainCheckpointer:
                                           phase + "\n")
 
     def close(self) -> None:
-        """Finishes pending saves and releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finishes pending saves and releases the manager. Raises StorageError when a pending
+        save failed."""
+        with self._failures("the last checkpoint"):
+            try:
+                self._manager.wait_until_finished()
+            finally:
+                self._manager.close()

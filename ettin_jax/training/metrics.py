@@ -14,11 +14,13 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any
 
 from tqdm import tqdm
 
 from ettin_jax import storage
+from ettin_jax.errors import first_line
 from ettin_jax.storage import PathLike, write_text_atomically
 
 METRICS_FILE = "metrics.jsonl"
@@ -88,19 +90,33 @@ class MetricsLog:
         """Makes every record logged so far readable in metrics.jsonl and the event files
         (uploads them whole in object storage; local files have them already)."""
         if self.enabled and self._lines is not None:
-            write_text_atomically(self.path, "".join(self._lines))
-            if self._local_events is not None:
-                if self._events is not None:
-                    self._events.flush()
-                storage.upload_tree(self._local_events, self._events_dir)
+            try:
+                write_text_atomically(self.path, "".join(self._lines))
+                if self._local_events is not None:
+                    if self._events is not None:
+                        self._events.flush()
+                    storage.upload_tree(self._local_events, self._events_dir)
+            except Exception as err:  # noqa: BLE001 - fsspec clients raise anything
+                raise storage.StorageError(
+                    f"{self.path}: the metrics could not be written "
+                    f"({first_line(err, innermost=True)}); the records up to the last "
+                    f"checkpoint are in the previous upload: rerun the same command once the "
+                    f"storage answers") from err
             self._uploaded = time.monotonic()
 
-    def close(self) -> None:
-        """Writes the records and events out and closes the progress bar."""
+    def close(self, *, failed: bool = False) -> None:
+        """Writes the records and events out and closes the progress bar. `failed`: the run
+        is stopping on an error already; a write that fails now is reported as a warning, so
+        that error stays the one the user sees."""
         if self._events is not None:
             self._events.close()
             self._events = None
-        self.flush()
+        try:
+            self.flush()
+        except storage.StorageError as err:
+            if not failed:
+                raise
+            warnings.warn(str(err), stacklevel=2)
         if self._local_events is not None:
             shutil.rmtree(self._local_events, ignore_errors=True)
         self._bar.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import time
 
 import jax
@@ -195,7 +196,7 @@ def train_phase(recipe: Recipe, position: Position, objective: Objective, member
                 if info.stopped:
                     break
     finally:
-        log.close()
+        log.close(failed=sys.exc_info()[0] is not None)
     loss = float(info.metrics["loss"]) if info is not None else None
     result = MemberResult(member_dir.name, step, tokens, loss,
                           info.stopped if info else None, info.failed if info else False)

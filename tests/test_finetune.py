@@ -215,6 +215,39 @@ def test_devices_split_the_rows(pair, pair_task, tmp_path):
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
+def test_seeds_share_one_compiled_update_step(rng):
+    """The seed's dropout key is an argument of the update step, not a constant: the seeds of a
+    sweep run one compiled program, and each seed's dropout is its own and reproducible."""
+    import jax.numpy as jnp
+
+    from ettin_jax.config.schema import OptimizerConfig
+    from ettin_jax.training.optimizer import make_optimizer
+    from ettin_jax.training.schedules import token_count
+    from ettin_jax.training.state import TrainState
+
+    def loss_and_grads(params, batch, key):
+        keep = jax.random.bernoulli(key, 0.5, batch["x"].shape)  # a dropout mask
+
+        def loss(p):
+            return jnp.sum(jnp.where(keep, batch["x"] * p["w"], 0.0) ** 2)
+        value, grads = jax.value_and_grad(loss)(params)
+        return value, grads, {}
+
+    optimizer = make_optimizer(OptimizerConfig())
+    params = {"w": jnp.asarray(rng.normal(size=64), jnp.float32)}
+    zero = jnp.zeros([], jnp.int32)
+    state = TrainState(step=zero, params=params, opt_state=optimizer.init(params), skipped=zero,
+                       nonfinite_streak=zero, phase_tokens=jnp.asarray(token_count(0)))
+    step = jax.jit(loop.make_update_step(loss_and_grads, optimizer,
+                                         loop.learning_rate_schedule(1e-3, 0.1, 0.0, 10)))
+    batch = {"x": jnp.asarray(rng.normal(size=64), jnp.float32)}
+    seeds = [int(s) for s in rng.choice(1 << 20, 2, replace=False)]
+    losses = [float(step(state, batch, jax.random.key(seed))[1]["loss"])
+              for seed in (*seeds, seeds[0])]
+    assert step._cache_size() == 1  # noqa: SLF001 - one program for every seed
+    assert losses[0] != losses[1] and losses[0] == losses[2]
+
+
 def test_an_exported_member_fine_tunes_too(pair, pair_task, tmp_path, capsys):
     """SOURCE may be a HuggingFace directory (`ettin-jax export`'s): its one member is found
     from config.json, and the results go under --run-dir."""

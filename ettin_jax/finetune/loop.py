@@ -98,9 +98,11 @@ def run_seed(run: SeedRun, config: FinetuneConfig, mesh, out: Path) -> dict[str,
     shardings = state_shardings(optimizer, module_shardings(run.module, mesh), params, mesh)
     schedule = learning_rate_schedule(run.optimizer.learning_rate, run.warmup_fraction,
                                       run.final_lr_fraction, run.total_steps)
-    step_fn = jax.jit(make_update_step(run.loss_and_grads, optimizer, schedule, seed=run.seed),
-                      in_shardings=(shardings, batch_sharding(mesh)),
+    # The seed's key is an argument, not a constant: every seed of a sweep runs one program.
+    step_fn = jax.jit(make_update_step(run.loss_and_grads, optimizer, schedule),
+                      in_shardings=(shardings, batch_sharding(mesh), None),
                       out_shardings=(shardings, None), donate_argnums=0)
+    seed_key = jax.random.key(run.seed)
     every = config.checkpoint_every_steps or run.steps_per_epoch
     settings = dict(run.settings)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ def run_seed(run: SeedRun, config: FinetuneConfig, mesh, out: Path) -> dict[str,
         metrics = None
         try:
             while step < run.total_steps:
-                state, step_metrics = step_fn(state, place(run.batch(step), mesh))
+                state, step_metrics = step_fn(state, place(run.batch(step), mesh), seed_key)
                 step += 1
                 epoch = step / run.steps_per_epoch
                 epoch_end = step % run.steps_per_epoch == 0
@@ -140,14 +142,15 @@ def run_seed(run: SeedRun, config: FinetuneConfig, mesh, out: Path) -> dict[str,
 
 
 def make_update_step(loss_and_grads: LossAndGrads, optimizer: optax.GradientTransformation,
-                     schedule: optax.Schedule, *, seed: int) -> Callable:
-    """step(state, batch) -> (state, metrics): the task's loss and gradient at the state's
-    parameters (dropout key from (seed, step)), then one optimizer update at the scheduled
-    learning rate; an update whose loss or gradient is not finite is not applied and is
-    counted (`skipped`). metrics: loss, learning_rate, grad_norm, skipped and the task's own."""
+                     schedule: optax.Schedule) -> Callable:
+    """step(state, batch, seed_key) -> (state, metrics): the task's loss and gradient at the
+    state's parameters (dropout key: seed_key, the run's `jax.random.key(seed)`, folded with the
+    step), then one optimizer update at the scheduled learning rate; an update whose loss or
+    gradient is not finite is not applied and is counted (`skipped`). metrics: loss,
+    learning_rate, grad_norm, skipped and the task's own."""
 
-    def step(state: TrainState, batch):
-        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    def step(state: TrainState, batch, seed_key: jax.Array):
+        rng = jax.random.fold_in(seed_key, state.step)
         loss, grads, extra = loss_and_grads(state.params, batch, rng)
         learning_rate = schedule(state.step)
         grad_norm = optax.tree.norm(grads)

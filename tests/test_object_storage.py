@@ -160,3 +160,60 @@ def test_prepare_kill_9_failing_store_and_resume_in_gcs(servers, tokenizer_dir, 
         subprocess.run(command, env=env, check=True, capture_output=True)
     resumed = {r["step"]: r["loss"] for r in read_metrics(f"{run}/encoder")}
     assert resumed == expected  # every step once, each loss bit-identical
+
+
+def test_two_processes_write_one_gcs_run_restored_on_one(servers, tokenizer_dir, tmp_path):
+    """2 processes x 4 CPU devices train into one gs:// run dir (each writes its shards of every
+    checkpoint there) with the losses of one process with 8 devices; this process (1 x 8)
+    restores the bucket's checkpoint: the reference run's state."""
+    import jax
+
+    from ettin_jax.config.schema import MeshConfig
+    from ettin_jax.training.checkpoint import TrainCheckpointer
+    from ettin_jax.training.mesh import make_mesh
+    from ettin_jax.training.optimizer import make_optimizer
+    from ettin_jax.training.state import abstract_state, init_state
+    from object_stores import free_port
+
+    overrides = [*SMALL, "logging.tensorboard=false", f"data.tokenizer={tokenizer_dir}",
+                 "train.objectives=[mlm]", "train.steps=4"]
+    recipe = load_recipe(RECIPE, overrides)
+    train_pair(recipe, tmp_path / "reference")
+    expected = read_metrics(tmp_path / "reference" / "encoder")
+
+    run = f"gs://{BUCKET}/runs/{tmp_path.name}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    port = free_port()
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "ettin_jax", "train", str(RECIPE), *overrides,
+         "--run-dir", run, "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(i)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err.decode()[-3000:]
+    records = read_metrics(f"{run}/encoder")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for ours, reference in zip(records, expected):
+        assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-5), ours["step"]
+        assert ours["tokens"] == reference["tokens"]
+    assert _complete_steps(f"{run}/encoder") == [2, 4]
+    step_dir = storage.path(run) / "encoder" / CHECKPOINTS / "4" / "params"
+    assert {p.name for p in step_dir.glob("ocdbt.process_*")} == {"ocdbt.process_0",
+                                                                  "ocdbt.process_1"}
+
+    optimizer = make_optimizer(recipe.optimizer)
+    mesh = make_mesh(MeshConfig(8, 1))
+    _, shardings = init_state(recipe.model, "mlm", optimizer, mesh, seed=0)
+    target = abstract_state(shardings, recipe.model, "mlm", optimizer)
+    states = []
+    for member_dir in (f"{run}/encoder", tmp_path / "reference" / "encoder"):
+        with TrainCheckpointer(member_dir, recipe.checkpoint) as checkpoints:
+            state, progress, _ = checkpoints.restore(4, target)
+        assert progress["tokens"] == expected[-1]["tokens"]
+        states.append(state)
+    ours, reference = (jax.tree.leaves(s.params) for s in states)
+    assert all(a.sharding == b.sharding for a, b in zip(ours, reference))
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

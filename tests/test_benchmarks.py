@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ettin_jax.config import load_recipe
 from ettin_jax.models.attention import IMPLEMENTATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,11 @@ def cpu_run(tmp_path_factory):
     stdout, stderr = sys.stdout, sys.stderr
     import io
 
+    # The tiny recipe at 2 layers (one global, one local) instead of 4: the same code paths,
+    # half the train steps' tracing and compiling.
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(accelerator, "load_recipe",
+                        lambda path: load_recipe(path, ["model.num_layers=2"]))
     sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
     try:
         captured["results"] = accelerator.main(["--json", str(tmp / "out.json"), "--write",
@@ -37,6 +43,7 @@ def cpu_run(tmp_path_factory):
         captured["stdout"], captured["stderr"] = sys.stdout.getvalue(), sys.stderr.getvalue()
     finally:
         sys.stdout, sys.stderr = stdout, stderr
+        monkeypatch.undo()
     captured["json"] = json.loads((tmp / "out.json").read_text())
     captured["docs"] = docs.read_text()
     return captured

@@ -311,10 +311,11 @@ def test_lm_eval_cli(pair, task_dir, decoder_runs, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fork", no_fork)
     from ettin_jax.cli import main
 
+    # Batches of 3, as decoder_runs': the programs it compiled serve here too.
     code = main([  # `ettin-jax lm-eval ...`: lm-eval's own command line, the model registered
         "lm-eval", "--model", "ettin-jax", "--model_args",
         f"path={pair.run},member=decoder,max_length={MAX_LENGTH}",
-        "--tasks", "tiny_mc", "--include_path", str(task_dir), "--batch_size", "2",
+        "--tasks", "tiny_mc", "--include_path", str(task_dir), "--batch_size", "3",
         "--output_path", str(tmp_path)])
     assert code == 0
     (written,) = tmp_path.glob("**/results_*.json")

@@ -39,8 +39,10 @@ def _command(run_dir, tokenizer_dir, steps, overrides=(), options=()):
 
 
 def _env():
+    """CPU, and the tests' XLA flags (conftest) but their device count: --cpu-devices sets it."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
+                                if not flag.startswith("--xla_force_host_platform_device_count"))
     return env
 
 
@@ -59,6 +61,19 @@ def _processes(run_dir, tokenizer_dir, steps, overrides=(), *, timeout=None):
 WARMUP = ["train.global_batch_size=32", "train.microbatch_size=8",
           "train.batch_warmup_tokens=1000"]
 STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def two_processes(tokenizer_dir, tmp_path_factory):
+    """(run directory, the two processes) of `_command`'s run on two processes, started before
+    `single_process` so that both runs proceed at once."""
+    run_dir = tmp_path_factory.mktemp("two") / "multi"
+    processes = _processes(run_dir, tokenizer_dir, STEPS, WARMUP)
+    yield run_dir, processes
+    for process in processes:  # only when a test failed before waiting for them
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +99,13 @@ def _assert_same_run(records, reference):
         assert (b["tokens"], b["batch_rows"]) == (a["tokens"], a["batch_rows"])
 
 
-def test_two_processes_equal_one_process_with_eight_devices(single_process, tokenizer_dir,
-                                                            tmp_path):
-    processes = _processes(tmp_path / "multi", tokenizer_dir, STEPS, WARMUP)
+def test_two_processes_equal_one_process_with_eight_devices(two_processes, single_process):
+    run_dir, processes = two_processes
     for process in processes:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err.decode()[-2000:]
     assert len({r["batch_rows"] for r in single_process}) == 3
-    _assert_same_run(read_metrics(tmp_path / "multi" / "encoder"), single_process)  # process 0's
+    _assert_same_run(read_metrics(run_dir / "encoder"), single_process)  # process 0's
 
 
 def test_sigterm_to_one_process_stops_both_and_the_run_resumes_on_one(single_process,

@@ -92,7 +92,9 @@ def test_steps_between_looks_transfer_nothing_but_the_batch(tmp_path, monkeypatc
 def test_larger_microbatches_after_warmup_train_the_same_run(tmp_path, monkeypatch):
     """train.max_microbatch_size changes how many rows are in flight, not the run: through
     batch-size warmup (2, 4, 6 and 8 rows; 4 and 8 now run in pieces of 4 rows) the losses,
-    gradient norms and rows equal those of microbatches of 2 rows (summed in another order)."""
+    gradient norms and rows equal those of microbatches of 2 rows (summed in another order).
+    The encoder, with its sparse MLM head packed per microbatch (test_trainer covers the decoder
+    under max_microbatch_size); the 2-row run is the first test's, its programs compiled once."""
     import ettin_jax.training.step as step_module
     from ettin_jax.training.trainer import train_member
 
@@ -108,7 +110,7 @@ def test_larger_microbatches_after_warmup_train_the_same_run(tmp_path, monkeypat
     for name, extra in [("small", []), ("large", ["train.max_microbatch_size=4"])]:
         recipe = load_recipe(TINY, [*WARMUP, "logging.every_steps=1", *extra])
         pieces.clear()
-        train_member(recipe, "clm", tmp_path / name, tokenizer=ByteTokenizer(), mesh=_mesh())
+        train_member(recipe, "mlm", tmp_path / name, tokenizer=ByteTokenizer(), mesh=_mesh())
         runs[name], split[name] = read_metrics(tmp_path / name), dict(pieces)
     assert split == {"small": {2: 2, 4: 2, 6: 2, 8: 2}, "large": {2: 2, 4: 4, 6: 2, 8: 4}}
     small, large = runs["small"], runs["large"]

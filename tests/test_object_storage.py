@@ -58,7 +58,9 @@ def _assert_same_params(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
 def test_train_export_and_import_in_a_bucket(servers, scheme, tokenizer_dir, tmp_path):
     run = f"{scheme}://{BUCKET}/runs/{tmp_path.name}"
-    recipe = load_recipe(RECIPE, [*SMALL, "train.steps=4", f"data.tokenizer={tokenizer_dir}",
+    tokenizer = f"{scheme}://{BUCKET}/tokenizers/{tmp_path.name}"
+    storage.upload_tree(tokenizer_dir, tokenizer)
+    recipe = load_recipe(RECIPE, [*SMALL, "train.steps=4", f"data.tokenizer={tokenizer}",
                                   "train.objectives=[mlm]"])
     train_pair(recipe, run)
     encoder = storage.path(run) / "encoder"
@@ -78,6 +80,12 @@ def test_train_export_and_import_in_a_bucket(servers, scheme, tokenizer_dir, tmp
     imported = import_pretrained(report.path, f"{other}://{BUCKET}/imported/{tmp_path.name}")
     _assert_same_params(_params(restore_weights(imported)), _params(restored))
     _assert_same_params(_params(from_pretrained(report.path)), _params(restored))
+    # A run starts from the weights in the bucket (checkpoint.init_from).
+    from ettin_jax.training.resume import _initial_params
+
+    follow = load_recipe(RECIPE, [*SMALL, f"data.tokenizer={tokenizer}",
+                                  f"checkpoint.init_from={imported}"])
+    _assert_same_params(_initial_params(follow, "mlm"), _params(restored))
     # transformers reads a local download of the export.
     with storage.local_copy(report.path) as local:
         from transformers import AutoModelForMaskedLM

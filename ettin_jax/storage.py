@@ -247,7 +247,8 @@ def _teach_orbax_s3() -> None:
     only (an s3:// directory is normalised to "s3:/..." and refused as relative); its path
     handling (etils.epath, s3fs) and commit-file atomicity serve s3:// already. This routes
     s3:// directories the way it routes gs:// ones, with an S3 spec (endpoint from
-    AWS_ENDPOINT_URL, region from AWS_DEFAULT_REGION / AWS_REGION)."""
+    AWS_ENDPOINT_URL, region from AWS_DEFAULT_REGION / AWS_REGION, credentials from
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY when set)."""
     from orbax.checkpoint._src.path import gcs_utils
     from orbax.checkpoint._src.serialization import tensorstore_utils
 
@@ -276,6 +277,8 @@ def _teach_orbax_s3() -> None:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             result["aws_region"] = region
+        if os.environ.get("AWS_ACCESS_KEY_ID"):  # else the default chain (profile, IMDS, ...)
+            result["aws_credentials"] = {"type": "environment"}
         return result
 
     tensorstore_utils._normalize_path = normalized

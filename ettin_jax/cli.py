@@ -22,6 +22,7 @@ from ettin_jax.errors import (
 )
 from ettin_jax.models.presets import PRESETS
 from ettin_jax.platforms import select_platforms
+from ettin_jax import storage
 from ettin_jax.storage import StorageError
 
 
@@ -114,7 +115,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     manifest = prepare(_sources(args), load_tokenizer(args.tokenizer), args.out,
                        documents_per_shard=args.documents_per_shard, workers=args.workers)
     print(f"prepared {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
-          f"{len(manifest['shards'])} shards: {Path(args.out) / 'manifest.json'}")
+          f"{len(manifest['shards'])} shards: {storage.path(args.out) / 'manifest.json'}")
     for path, stats in manifest["source_stats"].items():
         print(f"  {path}: {stats}")
     return 0

@@ -3,7 +3,6 @@ servers on loopback (tests/object_stores.py): fake-gcs-server for gs://, moto fo
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -99,8 +98,8 @@ def _complete_steps(member_dir: str) -> list[int]:
 
 def _train_command(run_dir: str, data: str, tokenizer: str, steps: int) -> list[str]:
     return [sys.executable, "-m", "ettin_jax", "train", str(RECIPE), *SMALL,
-            "logging.tensorboard=false", "checkpoint.every_steps=4", f"train.steps={steps}", f"data.tokenizer={tokenizer}",
-            f"data.sources=[{{path: {data}}}]", "--run-dir", run_dir, "--only", "encoder"]
+            "logging.tensorboard=false", "checkpoint.every_steps=4", f"train.steps={steps}",
+            f"data.tokenizer={tokenizer}", f"data.sources=[{{path: {data}}}]", "--run-dir", run_dir, "--only", "encoder"]
 
 
 def _wait_for_checkpoint(member_dir: str, after: int, process: subprocess.Popen) -> int:

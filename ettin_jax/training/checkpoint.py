@@ -13,9 +13,9 @@
 
 Orbax finalizes a step when it is complete (a renamed temporary directory on a local disk, a
 `commit_success.txt` written last in object storage), so a step that was being written when the
-process died is never listed. MEMBER_DIR may be a gs:// or s3:// URL (`ettin_jax.storage`). Other items (optimizer state, data
-iterator) sit next to `params` in the same step; weights-only restore reads `params` and `meta`
-alone.
+process died is never listed. MEMBER_DIR may be a gs:// or s3:// URL (`ettin_jax.storage`).
+Other items (optimizer state, data iterator) sit next to `params` in the same step;
+weights-only restore reads `params` and `meta` alone.
 """
 
 from __future__ import annotations

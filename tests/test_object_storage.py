@@ -99,7 +99,8 @@ def _complete_steps(member_dir: str) -> list[int]:
 def _train_command(run_dir: str, data: str, tokenizer: str, steps: int) -> list[str]:
     return [sys.executable, "-m", "ettin_jax", "train", str(RECIPE), *SMALL,
             "logging.tensorboard=false", "checkpoint.every_steps=4", f"train.steps={steps}",
-            f"data.tokenizer={tokenizer}", f"data.sources=[{{path: {data}}}]", "--run-dir", run_dir, "--only", "encoder"]
+            f"data.tokenizer={tokenizer}", f"data.sources=[{{path: {data}}}]",
+            "--run-dir", run_dir, "--only", "encoder"]
 
 
 def _wait_for_checkpoint(member_dir: str, after: int, process: subprocess.Popen) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ettin_jax import storage
 from ettin_jax.errors import MetricsError
 from ettin_jax.training.metrics import METRICS_FILE, read_metrics_file
 
@@ -70,7 +71,7 @@ def figure_for_run(run_dir: str | Path, *, x: XAxis = "step") -> Figure:
     rate, decoder learning rate. Lines carry labels "train loss", "eval loss" (markers only)
     and "learning rate". Raises MetricsError (and ValueError for an unknown x) as plot_run does.
     """
-    run = _read_run(Path(run_dir), x)
+    run = _read_run(storage.path(run_dir), x)
     return _draw(run, x)
 
 
@@ -85,11 +86,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, x: XAxis = "
     `run_dir` and the files looked at, when neither member has a record, or naming the file
     when x="tokens" and a record lacks "tokens"; ValueError for any other x.
     """
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     run = _read_run(run_dir, x)
-    path = Path(out) if out is not None else run_dir / DEFAULT_PLOT
+    path = storage.path(out) if out is not None else run_dir / DEFAULT_PLOT
     path.parent.mkdir(parents=True, exist_ok=True)
-    _draw(run, x).savefig(path, format="png")
+    figure = _draw(run, x)
+    storage.write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
     return PlotReport(
         path=path,
         records=MappingProxyType({m: len(member.records) for m, member in run.items()}),

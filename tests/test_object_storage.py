@@ -21,6 +21,7 @@ from ettin_jax.cli import main
 from ettin_jax.config import load_recipe
 from ettin_jax.hf.pretrained import from_pretrained
 from ettin_jax.hf.transfer import export_checkpoint, import_pretrained
+from ettin_jax.plotting import plot_run
 from ettin_jax.training.checkpoint import CHECKPOINTS, restore_weights
 from ettin_jax.training.metrics import read_metrics
 from ettin_jax.training.trainer import train_pair
@@ -68,6 +69,9 @@ def test_train_export_and_import_in_a_bucket(servers, scheme, tokenizer_dir, tmp
     assert [r["step"] for r in read_metrics(encoder)] == [1, 2, 3, 4]
     assert list((encoder / "events").glob("events.out.tfevents.*"))
     assert load_recipe(storage.path(run) / "recipe.yaml") == recipe
+    plot = plot_run(run)
+    assert str(plot.path) == f"{run}/plots/training.png" and plot.records["encoder"] == 4
+    assert storage.path(plot.path).read_bytes().startswith(b"\x89PNG")
 
     restored = restore_weights(encoder)
     assert restored.step == 4 and str(restored.tokenizer_dir).startswith(f"{scheme}://")

@@ -559,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- launch tpu (owned by the TPU launcher's work) ----
+# ---- launch tpu ----
 def _add_launch_tpu_parser(launch_commands: argparse._SubParsersAction) -> None:
     """`ettin-jax launch tpu`."""
     tpu = launch_commands.add_parser(
@@ -615,7 +615,7 @@ def _launch_tpu(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- launch slurm (owned by the SLURM launcher's work) ----
+# ---- launch slurm ----
 def _add_launch_slurm_parser(launch_commands: argparse._SubParsersAction) -> None:
     """`ettin-jax launch slurm`."""
     from ettin_jax.launch import slurm

@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 
+from ettin_jax import storage
 from ettin_jax.config import Recipe, recipe_to_dict
 from ettin_jax.config.schema import WandbConfig
 from ettin_jax.errors import ConfigError
@@ -54,12 +55,6 @@ def normalised_location(run_dir: str | os.PathLike) -> str:
         return f"{scheme.lower()}://{'/'.join(parts)}"
     local = rest if sep else text
     return os.path.realpath(os.path.expanduser(local))
-
-
-def is_local(run_dir: str | os.PathLike) -> bool:
-    """Whether `run_dir` is a local path (or a file:// URL) rather than object storage."""
-    scheme, sep, _ = str(run_dir).partition("://")
-    return not sep or scheme.lower() == "file"
 
 
 def wandb_run_id(run_dir: str | os.PathLike, member: str) -> str:
@@ -83,7 +78,7 @@ def local_files_dir(run_dir: str | os.PathLike) -> str:
     per process."""
     if os.environ.get("WANDB_DIR"):
         return os.environ["WANDB_DIR"]
-    if is_local(run_dir):
+    if not storage.is_remote(run_dir):
         return normalised_location(run_dir)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "ettin-jax", "wandb")

@@ -246,9 +246,17 @@ def _wait_for_step(member_dir: Path, step: int, process, timeout=120) -> None:
     raise AssertionError(f"step {step} never came")
 
 
-def test_kill_9_and_sigterm_then_resume_is_bit_identical(tokenizer_dir, tmp_path):
+def _subprocess_env() -> dict[str, str]:
+    """The environment of a `ettin-jax train` subprocess: CPU, the tests' compilation cache
+    and LLVM optimisation level (conftest), and the device count its --cpu-devices sets."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
+                                if not flag.startswith("--xla_force_host_platform_device_count"))
+    return env
+
+
+def test_kill_9_and_sigterm_then_resume_is_bit_identical(tokenizer_dir, tmp_path):
+    env = _subprocess_env()
     reference = tmp_path / "reference"
     subprocess.run(_train_command(reference, tokenizer_dir), env=env, check=True,
                    capture_output=True)
@@ -373,7 +381,8 @@ def test_a_token_budget_ends_the_run_and_spans_the_schedule(tmp_path):
     records = read_metrics(tmp_path / "decoder")
     assert result.tokens == records[-1]["tokens"] >= budget > records[-2]["tokens"]
     peak = recipe.optimizer.learning_rate
-    seen = [0] + [r["tokens"] for r in records[:-1]]  # each step's rate is set by the tokens before it
+    # Each step's rate is set by the tokens before it.
+    seen = [0] + [r["tokens"] for r in records[:-1]]
     for before, record in zip(seen, records):
         assert record["learning_rate"] == pytest.approx(
             peak * (floor + (1 - floor) * (1 - before / budget)), rel=1e-5)

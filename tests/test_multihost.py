@@ -65,15 +65,19 @@ STEPS = 5
 
 @pytest.fixture(scope="module")
 def two_processes(tokenizer_dir, tmp_path_factory):
-    """(run directory, the two processes) of `_command`'s run on two processes, started before
-    `single_process` so that both runs proceed at once."""
+    """(run directory, the two processes, futures of their (stdout, stderr)) of `_command`'s
+    run on two processes, started before `single_process` so that both runs proceed at once;
+    threads read their pipes meanwhile (a full pipe would stall them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     run_dir = tmp_path_factory.mktemp("two") / "multi"
     processes = _processes(run_dir, tokenizer_dir, STEPS, WARMUP)
-    yield run_dir, processes
-    for process in processes:  # only when a test failed before waiting for them
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with ThreadPoolExecutor(len(processes)) as pool:
+        outputs = [pool.submit(process.communicate, timeout=300) for process in processes]
+        yield run_dir, processes, outputs
+        for process in processes:  # only when a test failed before they ended
+            if process.poll() is None:
+                process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +104,9 @@ def _assert_same_run(records, reference):
 
 
 def test_two_processes_equal_one_process_with_eight_devices(two_processes, single_process):
-    run_dir, processes = two_processes
-    for process in processes:
-        _, err = process.communicate(timeout=300)
+    run_dir, processes, outputs = two_processes
+    for process, output in zip(processes, outputs):
+        _, err = output.result()
         assert process.returncode == 0, err.decode()[-2000:]
     assert len({r["batch_rows"] for r in single_process}) == 3
     _assert_same_run(read_metrics(run_dir / "encoder"), single_process)  # process 0's

@@ -114,7 +114,7 @@ def _wait_for_checkpoint(member_dir: str, after: int, process: subprocess.Popen)
         if steps:
             return max(steps)
         assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
+        time.sleep(0.2)  # each look lists the bucket: leave the 2 cores to the training
     raise AssertionError(f"no checkpoint after step {after} in {member_dir}")
 
 
@@ -126,7 +126,7 @@ def test_prepare_kill_9_failing_store_and_resume_in_gcs(servers, tokenizer_dir, 
 
     data = f"gs://{BUCKET}/data/{tmp_path.name}"
     prepare = ["data", "prepare", "bundled", "--tokenizer", str(tokenizer_dir),
-               "--workers", "1", "--documents-per-shard", "16"]
+               "--workers", "1", "--documents-per-shard", "64"]
     assert main([*prepare, "--out", data]) == 0
     assert main([*prepare, "--out", str(tmp_path / "data")]) == 0
     local_files = sorted(p for p in (tmp_path / "data").rglob("*") if p.is_file())

@@ -57,14 +57,6 @@ def absolute(value: PathLike) -> epath.Path:
     return result if is_remote(result) else epath.Path(os.path.abspath(result))
 
 
-def local_path(value: PathLike) -> Path:
-    """`value` as a pathlib.Path; raises ValueError for a URL (for a library that reads local
-    files only, use `local_copy`)."""
-    if is_remote(value):
-        raise ValueError(f"{value}: a local path is needed here")
-    return Path(os.fspath(value))
-
-
 def write_atomically(final: PathLike, write: Callable[[str], object]) -> None:
     """Runs write(tmp_path) on a local temporary file, then makes it `final` in one step:
     readers and a process killed at any moment see the old file or the new one, never part.
@@ -146,10 +138,10 @@ def local_copy(value: PathLike) -> Iterator[Path]:
         return
     source = path(value)
     with tempfile.TemporaryDirectory(prefix="ettin-jax-download-") as scratch:
-        yield download(source, Path(scratch) / source.name)
+        yield _download(source, Path(scratch) / source.name)
 
 
-def download(source: PathLike, target: Path) -> Path:
+def _download(source: PathLike, target: Path) -> Path:
     """Copies the file or directory `source` (a URL) to the local `target`; returns it.
     Raises FileNotFoundError naming `source` when nothing is there."""
     source = path(source)

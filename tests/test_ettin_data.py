@@ -429,6 +429,66 @@ def test_mixture_weights_are_token_shares(tmp_path, rng):
     assert abs(shares[0] - 0.7) < 0.01, shares  # by documents it would be about 0.03
 
 
+# The % columns of the data table of Ettin's paper and repository (assets/training_data.jpg):
+# each component's share of a phase's tokens, rounded as printed there.
+ETTIN_SHARES = {
+    "pretrain": {"dclm": 49.1, "cc-head": 20.9, "starcoder": 15.5, "reddit": 4.7, "pes2o": 3.4,
+                 "arxiv": 1.6, "stackexchange": 1.1, "tulu-flan": 1.0, "open-web-math": 0.7,
+                 "algebraic-stackexchange": 0.7, "cc-news": 0.4, "wikipedia": 0.4, "books": 0.3},
+    "extension": {"dclm-dolmino": 70.4, "starcoder": 15.4, "math-dolmino": 4.2, "pes2o": 3.3,
+                  "reddit": 2.5, "arxiv": 1.6, "stackexchange-dolmino": 1.1, "tulu-flan": 1.0,
+                  "books": 0.3, "wikipedia": 0.2},
+    "decay": {"dclm-dolmino": 34.1, "code-repos": 26.5, "books": 13.8, "math-dolmino": 6.6,
+              "tulu-flan": 5.4, "stackexchange-dolmino": 5.2, "arxiv": 3.9, "wikipedia": 3.9,
+              "textbooks": 0.7},
+}
+
+
+def _mixture_shares(sources) -> dict[str, float]:
+    """{component: % of the weights} of a phase's sources named data/ettin/<phase>/<component>."""
+    total = sum(source.weight for source in sources)
+    return {Path(source.path).name: 100 * source.weight / total for source in sources}
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("ettin-*")))
+def test_ettin_recipes_name_the_mixture_components_with_their_token_shares(recipe):
+    from ettin_jax.config import load_recipe
+
+    phases = load_recipe(ROOT / "recipes" / recipe).run_phases()
+    names = ["decay"] if len(phases) == 1 else ["pretrain", "extension", "decay"]
+    for name, phase in zip(names, phases):
+        assert {Path(s.path).parent.name for s in phase.data.sources} == {name}
+        shares = _mixture_shares(phase.data.sources)
+        assert shares.keys() == ETTIN_SHARES[name].keys()
+        for component, share in shares.items():
+            assert share == pytest.approx(ETTIN_SHARES[name][component], abs=0.051), component
+
+
+def test_the_decay_mixture_gets_its_token_shares(tmp_path, rng):
+    """Ettin's decay mixture (the weights of recipes/ettin-150m.yaml) over components whose
+    documents differ in length by up to 40x: over 6,000 documents every component gets its
+    share of the tokens within one percentage point."""
+    from ettin_jax.config import load_recipe
+
+    sources = load_recipe(ROOT / "recipes" / "ettin-150m.yaml").run_phases()[2].data.sources
+    tokenizer = ByteTokenizer()
+    opened = []
+    for index, source in enumerate(sources):
+        low = int(rng.integers(5, 60))
+        path = _write_source(tmp_path / Path(source.path).name, rng, 40, low,
+                             low * int(rng.integers(2, 6)), "abcdefghi"[index])
+        opened.append(open_source(SourceConfig(str(path), weight=source.weight), tokenizer))
+    mixed = mixture(opened, seed=int(rng.integers(1 << 30)))
+    tokens = np.zeros(len(sources))
+    for i in range(6_000):
+        record = mixed[i]
+        tokens[record["source"]] += len(record["tokens"])
+    realised = 100 * tokens / tokens.sum()
+    expected = _mixture_shares(sources)
+    errors = [share - expected[Path(source.path).name] for source, share in zip(sources, realised)]
+    assert max(map(abs, errors)) < 1.0, errors
+
+
 def test_mean_document_tokens_of_memory_and_prepared_sources(tmp_path, rng, monkeypatch):
     from data_pipelines import sources as sources_module
     from data_pipelines.prepare import prepare

@@ -193,8 +193,9 @@ def open_prepared(path: storage.PathLike, tokenizer) -> tuple[grain.MapDataset, 
     """The documents of prepared directory `path` as int32 token arrays, and their count.
 
     Shards in object storage are read from local copies (`storage.cached_copy`, downloaded
-    once per shard and version): ArrayRecord's reader opens local files only, and the shuffled
-    order reads single records all over every shard, one request each if streamed.
+    once per shard and version, each on the first read of one of its documents:
+    `_ShardsInStorage`): ArrayRecord's reader opens local files only, and the shuffled order
+    reads single records all over every shard, one request each if streamed.
 
     Raises SourceError when `path` is not a finished preparation or was made with another
     tokenizer than `tokenizer` (None skips that check).
@@ -205,9 +206,38 @@ def open_prepared(path: storage.PathLike, tokenizer) -> tuple[grain.MapDataset, 
         raise SourceError(f"{path}: prepared with another tokenizer than data.tokenizer "
                           f"(vocab {manifest['settings']['tokenizer']['vocab_size']} vs "
                           f"{tokenizer.vocab_size}); use {path / TOKENIZER_DIR} or prepare again")
-    files = [str(storage.cached_copy(path / shard["file"])) for shard in manifest["shards"]]
-    source = grain.sources.ArrayRecordDataSource(files)
+    if storage.is_remote(path):
+        source = _ShardsInStorage(path, manifest["shards"])
+    else:
+        source = grain.sources.ArrayRecordDataSource(
+            [str(path / shard["file"]) for shard in manifest["shards"]])
     return grain.MapDataset.source(source).map(_decode_record), manifest["documents"]
+
+
+class _ShardsInStorage:
+    """The records of a preparation in object storage as one random-access source (grain's
+    interface: len and getitem), each shard downloaded to the local cache when a record of it
+    is first read, so a host fetches only the shards its rows touch, when they touch them."""
+
+    def __init__(self, path, shards: list[dict]):
+        self._path = str(path)
+        self._files = [shard["file"] for shard in shards]
+        self._starts = np.cumsum([0] + [shard["documents"] for shard in shards])
+        self._readers: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> bytes:
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        reader = self._readers.get(shard)
+        if reader is None:
+            local = storage.cached_copy(storage.path(self._path) / self._files[shard])
+            reader = self._readers[shard] = grain.sources.ArrayRecordDataSource([str(local)])
+        return reader[index - int(self._starts[shard])]
+
+    def __getstate__(self) -> dict:  # readers stay with their process
+        return {**self.__dict__, "_readers": {}}
 
 
 def _decode_record(record: bytes) -> np.ndarray:

@@ -134,6 +134,14 @@ def test_prepare_kill_9_failing_store_and_resume_in_gcs(servers, tokenizer_dir, 
         relative = file.relative_to(tmp_path / "data").as_posix()
         assert (storage.path(data) / relative).read_bytes() == file.read_bytes(), relative
     assert main([*prepare, "--out", data]) == 0  # finished: the same command does nothing
+    # Read from the bucket (each shard fetched on first use) in a random order: the documents.
+    from data_pipelines.prepare import open_prepared
+
+    (remote, count), (local, local_count) = (open_prepared(where, None)
+                                             for where in (data, tmp_path / "data"))
+    assert count == local_count > 100
+    for index in np.random.default_rng(count).permutation(count):
+        np.testing.assert_array_equal(remote[int(index)], local[int(index)])
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)

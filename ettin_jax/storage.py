@@ -184,10 +184,14 @@ def checkpoint_options(directory: PathLike) -> dict:
     """Keyword arguments for orbax's CheckpointManagerOptions that make a step's completion
     atomic where `directory` is: a commit file written last in object storage (no directory
     rename there; orbax picks it for gs:// itself, not for s3://), orbax's own choice (a
-    renamed temporary directory) on local disks."""
+    renamed temporary directory) on local disks. For a URL, also lets orbax write arrays to
+    s3:// (`_teach_orbax_s3`): every orbax manager of ettin-jax takes its options from here,
+    so orbax is imported only by what checkpoints, not by every path."""
     if not is_remote(directory):
         return {}
     from orbax.checkpoint import options as orbax_options
+
+    _teach_orbax_s3()
 
     return {"atomicity_options": orbax_options.AtomicityOptions(
         mode=orbax_options.AtomicityMode.COMMIT_FILE)}
@@ -206,8 +210,8 @@ def _filesystem(value: epath.Path):
 
 def _configure_endpoints() -> None:
     """Points every client at the endpoints the standard variables name (checked on every
-    call, cheap): TensorStore's GCS driver and gcsfs at STORAGE_EMULATOR_HOST, TensorStore's
-    S3 driver at AWS_ENDPOINT_URL (orbax builds its S3 specs through `_teach_orbax_s3`)."""
+    call, cheap): TensorStore's GCS driver and gcsfs at STORAGE_EMULATOR_HOST (TensorStore's
+    S3 driver reads AWS_ENDPOINT_URL through `_teach_orbax_s3`)."""
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if emulator:
         if "://" not in emulator:
@@ -219,7 +223,6 @@ def _configure_endpoints() -> None:
         # do not serve (each call waits for a timeout); read when gcsfs is imported.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     _no_listings_cache()
-    _teach_orbax_s3()
 
 
 def _no_listings_cache() -> None:

@@ -19,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet --upgrade pip
 	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet -e '.[test,tpu]'
+	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet --no-deps -r requirements-streaming.txt
 	touch $(STAMP)
 
 # Resolve setup.cfg's requirements afresh in a scratch environment and record every version.

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-SourceKind = Literal["auto", "bundled", "text", "jsonl", "parquet", "tfds", "prepared"]
+SourceKind = Literal["auto", "bundled", "text", "jsonl", "parquet", "tfds", "prepared",
+                     "mds"]
 Chunking = Literal["bracketed", "ettin"]
 MlmMasking = Literal["exact", "bernoulli"]
 CHUNKINGS = ("bracketed", "ettin")
@@ -27,6 +28,10 @@ class SourceConfig:
       `ettin-jax data prepare` for kind "prepared".
     kind: "auto" infers it: "bundled", a directory with manifest.json is "prepared", *.jsonl /
       *.json is "jsonl", *.parquet is "parquet", anything else is "text".
+      kind "mds": a mosaicml-streaming (MDS) directory with index.json (auto-detected when it
+      has no manifest.json), as Ettin published its data; `field` names the column: a token
+      column (e.g. Ettin's `input_ids`) keeps its ids (less a leading [CLS] and trailing [SEP],
+      which the packer adds), a text column is tokenized.
     weight: relative share of TOKENS in a mixture (as Ettin's proportions: DCLM 49%, ...): a
       source's documents are drawn with probability proportional to weight / its mean document
       length in tokens (see `data_pipelines.sources.mixture`).

@@ -92,6 +92,8 @@ def source_kind(source: SourceConfig) -> str:
     path = storage.path(source.path)
     if path.is_dir() and ((path / MANIFEST).is_file() or (path / PREPARE_SETTINGS).is_file()):
         return "prepared"
+    if path.is_dir() and (path / "index.json").is_file():
+        return "mds"  # mosaicml-streaming's format (data_pipelines.mds)
     return "text"  # per-file kinds (jsonl, parquet, text) are inferred by suffix when reading
 
 
@@ -146,6 +148,10 @@ def _raw_texts(source: SourceConfig, kind: str, stats: SourceStats) -> Iterator[
         yield from (d.text for d in documents)
     elif kind == "tfds":
         yield from _tfds_texts(source, stats)
+    elif kind == "mds":
+        from data_pipelines.mds import iter_mds_texts
+
+        yield from iter_mds_texts(source)
     else:
         for file in source_files(source):
             file_kind = _kind_of(file) if source.kind == "auto" else kind
@@ -274,7 +280,8 @@ class TokenDocuments:
 
 
 def open_source(source: SourceConfig, tokenizer) -> TokenDocuments:
-    """`source` as token arrays: prepared shards are read as they are; other sources are read
+    """`source` as token arrays: prepared shards and MDS directories are read where they lie
+    (an MDS token column keeps its ids, see `data_pipelines.mds`); other sources are read
     into memory and tokenized on access with `tokenizer` (anything with `encode(str)`).
 
     Raises SourceError when the source holds no documents.
@@ -285,6 +292,10 @@ def open_source(source: SourceConfig, tokenizer) -> TokenDocuments:
 
         dataset, stats.documents = open_prepared(source.path, tokenizer)
         mean_tokens = functools.cache(functools.partial(_prepared_mean_tokens, source.path))
+    elif source_kind(source) == "mds":  # read where it lies, token ids as they are
+        from data_pipelines.mds import open_mds
+
+        dataset, stats.documents, mean_tokens = open_mds(source, tokenizer)
     else:
         texts = list(iter_texts(source, stats))
         dataset = grain.MapDataset.source(texts).map(tokenizer.encode)

@@ -1,4 +1,5 @@
-"""`ettin-jax data prepare`: sources -> tokenized ArrayRecord shards, on every core, resumable.
+"""`ettin-jax data prepare`: sources -> tokenized ArrayRecord shards, resumable, on every core of
+this machine (the local runner) or as an Apache Beam pipeline (`data_pipelines.beam_prepare`).
 
     OUT/
       manifest.json            written last: documents, tokens, shards, sources, skip counts
@@ -6,12 +7,14 @@
       shard-00000.array_record one record per document: int32 token ids, no special tokens
       progress/                settings.json and one JSON file per finished shard (for resume)
 
-Documents are read in order by the main process and handed, a shard at a time, to worker
-processes that tokenize and write their shard (to a temporary file that replaces the final one
-when complete; OUT may be a gs:// or s3:// URL, then each shard is one upload and manifest.json
-the last).
+Shard i holds documents [i * documents_per_shard, (i + 1) * documents_per_shard) of the sources
+read in order, whichever runner made it: both give the same bytes. The local runner reads the
+documents in the main process and hands them, a shard at a time, to worker processes that
+tokenize and write their shard (to a temporary file that replaces the final one when complete;
+OUT may be a gs:// or s3:// URL, then each shard is one upload and manifest.json the last).
 A rerun of the same command after an interruption skips the finished shards; different
-settings in the same OUT are refused.
+settings in the same OUT are refused. Bad records (a malformed JSON line, ...) are skipped,
+counted per source in the manifest and the first one named.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Literal
 
 import grain
 import numpy as np
@@ -36,6 +40,7 @@ from data_pipelines.sources import (
     SourceStats,
     check_prepared,
     iter_texts,
+    source_units,
 )
 from ettin_jax import storage
 
@@ -65,13 +70,17 @@ def prepare(
     documents_per_shard: int = 4096,
     workers: int | None = None,
     progress: bool = True,
+    runner: Literal["local", "beam"] = "local",
+    beam_options: Sequence[str] = (),
 ) -> dict:
     """Tokenizes `sources` into shards under `out`; returns the manifest (also written).
 
-    workers: processes (default: every core). The same sources, tokenizer and
-    documents_per_shard give byte-identical shards and manifest, whatever `workers`. Raises
-    SourceError for unreadable sources and when `out` holds a preparation with other settings
-    or other files.
+    workers: processes (default: every core; the Beam DirectRunner's workers too). runner:
+    "local" (processes on this machine) or "beam" (`data_pipelines.beam_prepare`; beam_options
+    are Beam pipeline options such as --runner=DataflowRunner). The same sources, tokenizer
+    and documents_per_shard give byte-identical shards and manifest, whatever `workers` and
+    `runner`. Raises SourceError for unreadable sources and when `out` holds a preparation
+    with other settings or other files.
     """
     out = storage.path(out)
     settings = {
@@ -87,26 +96,43 @@ def prepare(
         raise SourceError(f"{out} already holds prepared data made with other settings; "
                           f"choose another output directory")
     _start_or_resume(out, settings, tokenizer)
-
-    stats = {s.path: SourceStats() for s in sources}
-    texts = itertools.chain.from_iterable(iter_texts(s, stats[s.path]) for s in sources)
-    shards = _batched(texts, documents_per_shard)
     workers = workers or os.cpu_count() or 1
+    if runner == "beam":
+        from data_pipelines.beam_prepare import prepare_with_beam
+
+        stats = prepare_with_beam(sources, tokenizer, out, documents_per_shard=documents_per_shard,
+                                  workers=workers, beam_options=beam_options)
+    elif runner == "local":
+        stats = _prepare_locally(sources, tokenizer, out, documents_per_shard=documents_per_shard,
+                                 workers=workers, progress=progress)
+    else:
+        raise ValueError(f"runner must be 'local' or 'beam', got {runner!r}")
+    return _write_manifest(out, settings, stats)
+
+
+def _prepare_locally(sources: Sequence[SourceConfig], tokenizer, out: Path, *,
+                     documents_per_shard: int, workers: int,
+                     progress: bool) -> dict[str, SourceStats]:
+    stats = {s.path: SourceStats() for s in sources}
+    texts = itertools.chain.from_iterable(
+        iter_texts(s, stats[s.path], units=source_units(s), skip_bad_records=True)
+        for s in sources)
+    shards = _batched(texts, documents_per_shard)
     bar = tqdm(desc=f"prepare {out.name}", unit=" docs", disable=not progress)
     pending: list[Future] = []
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for index, documents in enumerate(shards):
-            if _finished(out, index):
+            if finished_shard(out, index):
                 bar.update(len(documents))
                 continue
-            pending.append(pool.submit(_write_shard, out, index, documents, tokenizer))
+            pending.append(pool.submit(write_shard, out, index, documents, tokenizer))
             while len([f for f in pending if not f.done()]) >= 2 * workers:
                 _collect(pending, bar, wait_for_one=True)
             _collect(pending, bar)
         while pending:
             _collect(pending, bar, wait_for_one=True)
     bar.close()
-    return _write_manifest(out, settings, stats)
+    return stats
 
 
 def _source_dict(source: SourceConfig) -> dict:
@@ -136,7 +162,8 @@ def _batched(texts: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _finished(out: Path, index: int) -> bool:
+def finished_shard(out: Path, index: int) -> bool:
+    """Whether shard `index` of the preparation in `out` was written completely."""
     return (out / PROGRESS_DIR / f"{index:05d}.json").is_file() and (out / shard_name(index)).is_file()
 
 
@@ -148,8 +175,9 @@ def _collect(pending: list[Future], bar, *, wait_for_one: bool = False) -> None:
         pending.remove(future)
 
 
-def _write_shard(out: Path, index: int, documents: list[str], tokenizer) -> int:
-    """Worker: tokenizes `documents` into shard `index`; returns the number of documents."""
+def write_shard(out: Path, index: int, documents: list[str], tokenizer) -> int:
+    """Tokenizes `documents` into shard `index` of `out` and records it as finished (each file
+    replaced in one step: a retry rewrites the same bytes); returns the number of documents."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     final = out / shard_name(index)
@@ -184,7 +212,9 @@ def _write_manifest(out: Path, settings: dict, stats: dict[str, SourceStats]) ->
         "source_stats": {path: s.as_dict() for path, s in stats.items()},
     }
     if manifest["documents"] == 0:
-        raise SourceError(f"no documents to prepare in {[s['path'] for s in settings['sources']]}")
+        bad = [s.first_bad_record for s in stats.values() if s.first_bad_record]
+        raise SourceError(f"no documents to prepare in {[s['path'] for s in settings['sources']]}"
+                          + (f"; every record was bad, the first: {bad[0]}" if bad else ""))
     storage.write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 

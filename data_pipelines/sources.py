@@ -1,12 +1,16 @@
 """Sources of documents: text files, JSON Lines, Parquet, TFDS, the bundled corpus and prepared
 (pre-tokenized) shards, as grain datasets of token arrays.
 
-Text-like sources are read once, front to back, by `iter_texts`, which also counts what it had to
-fix or skip (`SourceStats`): invalid UTF-8 is replaced (and counted), empty documents are skipped
-(and counted), documents longer than `MAX_DOCUMENT_CHARS` are cut at line boundaries into pieces
-(and counted) so one enormous document cannot exhaust memory. Structural problems (a missing path,
-a malformed JSON line, a missing field, a source without documents) raise `SourceError` naming the
-file and line. For corpora larger than memory, `ettin-jax data prepare` streams them into shards.
+Text-like sources are read front to back by `iter_texts`, in `SourceUnit`s (a file, or a range
+of TFDS records: what one worker of a distributed preparation reads), counting what it had to fix
+or skip (`SourceStats`): invalid UTF-8 is replaced (and counted), empty documents are skipped (and
+counted), documents longer than `MAX_DOCUMENT_CHARS` are cut at line boundaries into pieces (and
+counted) so one enormous document cannot exhaust memory. Structural problems (a missing path, a
+source without documents) raise `SourceError`; so do bad records (a malformed JSON line, a missing
+or non-string field, a file that is not Parquet), naming the file and line, unless the reader asks
+to skip them (`data prepare` does: at 2T tokens one bad line must not end the job), when they are
+counted and the first is named. For corpora larger than memory, `ettin-jax data prepare` streams
+them into shards.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ LENGTH_SAMPLE_DOCUMENTS = 512
 MANIFEST = "manifest.json"  # a finished `data prepare` directory
 PREPARE_SETTINGS = "progress/settings.json"  # a started one
 BUNDLED = "bundled"
+TFDS_RECORDS_PER_UNIT = 65_536
 
 
 class SourceError(ValueError):
@@ -77,10 +82,26 @@ class SourceStats:
     empty_skipped: int = 0
     invalid_utf8_replaced: int = 0
     enormous_split: int = 0
+    bad_records_skipped: int = 0
+    first_bad_record: str = ""  # "file:line: what is wrong" of the first one skipped
 
-    def as_dict(self) -> dict[str, int]:
-        """The counts by name."""
+    def as_dict(self) -> dict[str, int | str]:
+        """The counts by name (and the first bad record)."""
         return dataclasses.asdict(self)
+
+    def add(self, other: SourceStats) -> None:
+        """Adds the counts of `other` (read after this one) to these."""
+        for field in dataclasses.fields(self):
+            if field.type == "int":
+                setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+        self.first_bad_record = self.first_bad_record or other.first_bad_record
+
+    def skip_bad_record(self, where: str, problem: str, *, skip: bool) -> None:
+        """Counts the bad record at `where` when `skip`; raises SourceError naming it if not."""
+        if not skip:
+            raise SourceError(f"{where}: {problem}")
+        self.bad_records_skipped += 1
+        self.first_bad_record = self.first_bad_record or f"{where}: {problem}"
 
 
 def source_kind(source: SourceConfig) -> str:
@@ -97,47 +118,85 @@ def source_kind(source: SourceConfig) -> str:
     return "text"  # per-file kinds (jsonl, parquet, text) are inferred by suffix when reading
 
 
-def source_files(source: SourceConfig) -> list[Path]:
-    """The files a file-based source reads, sorted. Raises SourceError when there are none."""
+def source_files(source: SourceConfig) -> list[epath.Path]:
+    """The files a file-based source reads, sorted: a file, every file under a directory (not
+    hidden ones), or what a glob matches; local or in object storage (gs://, s3://: what the
+    workers of a distributed preparation can read). Raises SourceError when there are none."""
     path = source.path
     if any(ch in path for ch in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if Path(p).is_file()]
+        if storage.is_remote(path):  # the glob applies below the last fixed directory
+            fixed = path[:min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+            files = sorted(p for p in storage.path(fixed).glob(path[len(fixed) + 1:])
+                           if p.is_file())
+        else:
+            files = [storage.path(p) for p in sorted(glob.glob(path, recursive=True))
+                     if Path(p).is_file()]
         if not files:
             raise SourceError(f"source {path!r}: the pattern matches no files")
         return files
-    root = Path(path)
+    root = storage.path(path)
     if root.is_file():
         return [root]
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*")
-                       if p.is_file() and not any(part.startswith(".") for part in
-                                                  p.relative_to(root).parts))
+        files = sorted(directory / name for directory, _, names in root.walk() for name in names
+                       if not any(part.startswith(".") for part in
+                                  (directory / name).relative_to(root).parts))
         if not files:
             raise SourceError(f"source {path!r}: the directory holds no files")
         return files
     raise SourceError(f"source {path!r}: no such file or directory")
 
 
-def iter_texts(source: SourceConfig, stats: SourceStats) -> Iterator[str]:
-    """The documents of a text-like source (not "prepared"), in a fixed order, as strings.
+@dataclasses.dataclass(frozen=True)
+class SourceUnit:
+    """A piece of a text-like source that one reader reads front to back: a file of a
+    file-based source, TFDS records [start, stop), or the whole bundled corpus (all None)."""
 
-    Updates `stats` as it goes. Raises SourceError for unreadable input.
-    """
+    file: str | None = None
+    start: int | None = None
+    stop: int | None = None
+
+
+def source_units(source: SourceConfig) -> list[SourceUnit]:
+    """The units of a text-like source, in document order: its documents are those of the
+    units in this order. Raises SourceError when it has none (see `source_files`)."""
     kind = source_kind(source)
     if kind == "prepared":
         raise SourceError(f"source {source.path!r} is prepared (token shards), not text")
-    for text in _raw_texts(source, kind, stats):
-        if not text.strip():
-            stats.empty_skipped += 1
-            continue
-        pieces = list(_split_enormous(text))
-        if len(pieces) > 1:
-            stats.enormous_split += 1
-        stats.documents += len(pieces)
-        yield from pieces
+    if kind == "bundled":
+        return [SourceUnit()]
+    if kind == "mds":
+        return [SourceUnit()]  # its text column, in index order
+    if kind == "tfds":
+        count = len(tfds_records(source))
+        return [SourceUnit(start=start, stop=min(start + TFDS_RECORDS_PER_UNIT, count))
+                for start in range(0, count, TFDS_RECORDS_PER_UNIT)]
+    return [SourceUnit(file=str(file)) for file in source_files(source)]
 
 
-def _raw_texts(source: SourceConfig, kind: str, stats: SourceStats) -> Iterator[str]:
+def iter_texts(source: SourceConfig, stats: SourceStats, *, units: Sequence[SourceUnit] | None
+               = None, skip_bad_records: bool = False) -> Iterator[str]:
+    """The documents of a text-like source (not "prepared"), in a fixed order, as strings:
+    those of `units` (default: all of `source_units`), in order.
+
+    Updates `stats` as it goes. Raises SourceError for unreadable input, and for bad records
+    unless `skip_bad_records` (then they are counted in `stats`).
+    """
+    kind = source_kind(source)
+    for unit in source_units(source) if units is None else units:
+        for text in _raw_texts(source, kind, unit, stats, skip_bad_records):
+            if not text.strip():
+                stats.empty_skipped += 1
+                continue
+            pieces = list(_split_enormous(text))
+            if len(pieces) > 1:
+                stats.enormous_split += 1
+            stats.documents += len(pieces)
+            yield from pieces
+
+
+def _raw_texts(source: SourceConfig, kind: str, unit: SourceUnit, stats: SourceStats,
+               skip: bool) -> Iterator[str]:
     if kind == "bundled":
         from data_pipelines.corpus import bundled_documents
 
@@ -147,27 +206,27 @@ def _raw_texts(source: SourceConfig, kind: str, stats: SourceStats) -> Iterator[
             raise SourceError(f"source 'bundled': {err}") from None
         yield from (d.text for d in documents)
     elif kind == "tfds":
-        yield from _tfds_texts(source, stats)
+        yield from _tfds_texts(source, unit, stats)
     elif kind == "mds":
         from data_pipelines.mds import iter_mds_texts
 
         yield from iter_mds_texts(source)
     else:
-        for file in source_files(source):
-            file_kind = _kind_of(file) if source.kind == "auto" else kind
-            if file_kind == "jsonl":
-                yield from _jsonl_texts(file, source.field, stats)
-            elif file_kind == "parquet":
-                yield from _parquet_texts(file, source.field)
+        file = storage.path(unit.file)
+        file_kind = _kind_of(file) if source.kind == "auto" else kind
+        if file_kind == "jsonl":
+            yield from _jsonl_texts(file, source.field, stats, skip)
+        elif file_kind == "parquet":
+            yield from _parquet_texts(file, source.field, stats, skip)
+        else:
+            text = _decode(file.read_bytes(), stats)
+            if source.documents == "blank_lines":
+                yield from _blank_line_documents(text)
             else:
-                text = _decode(file.read_bytes(), stats)
-                if source.documents == "blank_lines":
-                    yield from _blank_line_documents(text)
-                else:
-                    yield text
+                yield text
 
 
-def _kind_of(file: Path) -> str:
+def _kind_of(file: epath.Path) -> str:
     suffix = file.suffix.lower()
     return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
 
@@ -192,32 +251,40 @@ def _blank_line_documents(text: str) -> Iterator[str]:
         yield "".join(document)
 
 
-def _jsonl_texts(file: Path, field: str, stats: SourceStats) -> Iterator[str]:
-    with open(file, "rb") as handle:
+def _jsonl_texts(file: epath.Path, field: str, stats: SourceStats,
+                 skip: bool) -> Iterator[str]:
+    with file.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
             try:
                 record = json.loads(_decode(raw, stats))
             except json.JSONDecodeError as err:
-                raise SourceError(f"{file}:{number}: malformed JSON line: {err.msg}") from None
+                stats.skip_bad_record(f"{file}:{number}", f"malformed JSON line: {err.msg}",
+                                      skip=skip)
+                continue
             if not isinstance(record, dict) or field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise SourceError(f"{file}:{number}: no field {field!r} (found {keys}); set "
-                                  f"the source's `field`")
+                stats.skip_bad_record(f"{file}:{number}", f"no field {field!r} (found {keys}); "
+                                      f"set the source's `field`", skip=skip)
+                continue
             value = record[field]
             if value is not None and not isinstance(value, str):
-                raise SourceError(f"{file}:{number}: field {field!r} is not a string")
+                stats.skip_bad_record(f"{file}:{number}", f"field {field!r} is not a string",
+                                      skip=skip)
+                continue
             yield value or ""
 
 
-def _parquet_texts(file: Path, field: str) -> Iterator[str]:
+def _parquet_texts(file: epath.Path, field: str, stats: SourceStats,
+                   skip: bool) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(file)
+        parquet = pq.ParquetFile(file.open("rb") if storage.is_remote(file) else file)
     except Exception as err:  # pyarrow raises several types for a bad file
-        raise SourceError(f"{file}: not a Parquet file: {err}") from None
+        stats.skip_bad_record(str(file), f"not a Parquet file: {err}", skip=skip)
+        return
     if field not in parquet.schema_arrow.names:
         raise SourceError(f"{file}: no column {field!r} (columns: {parquet.schema_arrow.names}); "
                           f"set the source's `field`")
@@ -226,8 +293,10 @@ def _parquet_texts(file: Path, field: str) -> Iterator[str]:
             yield value or ""
 
 
-def _tfds_texts(source: SourceConfig, stats: SourceStats) -> Iterator[str]:
-    for record in tfds_records(source):
+def _tfds_texts(source: SourceConfig, unit: SourceUnit, stats: SourceStats) -> Iterator[str]:
+    records = tfds_records(source)
+    for index in range(unit.start or 0, len(records) if unit.stop is None else unit.stop):
+        record = records[index]
         value = record.get(source.field) if isinstance(record, dict) else None
         if value is None:
             raise SourceError(f"tfds {source.path!r}: no feature {source.field!r} "

@@ -112,12 +112,19 @@ def _data_prepare(args: argparse.Namespace) -> int:
     from data_pipelines.prepare import prepare
     from data_pipelines.tokenizers import load_tokenizer
 
+    if args.passed_on and args.runner != "beam":
+        args.parser.error(f"options after `--` ({' '.join(args.passed_on)}) are Beam pipeline "
+                          f"options; add --runner beam")
     manifest = prepare(_sources(args), load_tokenizer(args.tokenizer), args.out,
-                       documents_per_shard=args.documents_per_shard, workers=args.workers)
+                       documents_per_shard=args.documents_per_shard, workers=args.workers,
+                       runner=args.runner, beam_options=args.passed_on)
     print(f"prepared {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
           f"{len(manifest['shards'])} shards: {storage.path(args.out) / 'manifest.json'}")
     for path, stats in manifest["source_stats"].items():
         print(f"  {path}: {stats}")
+        if stats["bad_records_skipped"]:
+            print(f"  warning: {stats['bad_records_skipped']:,} bad records skipped in {path}, "
+                  f"the first: {stats['first_bad_record']}")
     return 0
 
 
@@ -536,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, metavar="DIR")
     prepare.add_argument("--workers", type=int, help="processes (default: every core)")
     prepare.add_argument("--documents-per-shard", type=int, default=4096)
+    prepare.add_argument(
+        "--runner", choices=("local", "beam"), default="local",
+        help="local: processes on this machine; beam: an Apache Beam pipeline, the "
+        "DirectRunner with --workers processes unless Beam options after `--` say otherwise "
+        "(e.g. -- --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp)")
     prepare.set_defaults(run=_data_prepare, parser=prepare)
 
     inspect = data_commands.add_parser(
@@ -693,7 +705,12 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     its options. Exits with status 2 and one clear line for anything else it cannot place,
     naming the option meant where a token looks like a mistyped one."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on: list[str] = []  # `data prepare ... -- BEAM_OPTION...`
+    if argv[:2] == ["data", "prepare"] and "--" in argv:
+        argv, passed_on = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     args, extras = parser.parse_known_args(argv)
+    args.passed_on = passed_on
     command: argparse.ArgumentParser = args.parser
     for token in [*getattr(args, "overrides", []), *extras]:
         mistake = _mistyped_option(token, command)

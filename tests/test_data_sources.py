@@ -58,6 +58,13 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
     with pytest.raises(SourceError, match=r"d.jsonl:2: malformed JSON line"):
         _texts(SourceConfig(str(tmp_path / "d.jsonl")))
+    # Preparation skips it instead, counted and named (the first of them).
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n{"text": 1}\n')
+    stats = SourceStats()
+    texts = list(iter_texts(SourceConfig(str(tmp_path / "d.jsonl")), stats,
+                            skip_bad_records=True))
+    assert texts == ["ok"] and stats.bad_records_skipped == 2
+    assert stats.first_bad_record.endswith("d.jsonl:2: malformed JSON line: Expecting value")
 
 
 def test_invalid_utf8_empty_and_enormous_documents_are_counted(tmp_path, monkeypatch):
@@ -100,8 +107,9 @@ def test_bundled_corpus_is_text_plus_code_with_a_heldout_split():
     assert len(texts) >= len(train)
 
 
-def test_tfds_array_record_dataset_without_tensorflow(tmp_path):
+def test_tfds_array_record_dataset_without_tensorflow(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
+
 
     class TinyText(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
@@ -123,6 +131,11 @@ def test_tfds_array_record_dataset_without_tensorflow(tmp_path):
                           data_dir=str(tmp_path))
     texts, _ = _texts(source)
     assert sorted(texts) == [f"tfds document {i}" for i in range(7)]
+    # In units of 3 records (what distributed preparation reads apart): the same documents.
+    monkeypatch.setattr(sources_module, "TFDS_RECORDS_PER_UNIT", 3)
+    units = sources_module.source_units(source)
+    assert [(u.start, u.stop) for u in units] == [(0, 3), (3, 6), (6, 7)]
+    assert [t for u in units for t in iter_texts(source, SourceStats(), units=[u])] == texts
 
 
 def test_mixture_follows_weights(tmp_path, rng):

@@ -182,6 +182,26 @@ def test_prepare_kill_9_failing_store_and_resume_in_gcs(servers, tokenizer_dir, 
     assert resumed == expected  # every step once, each loss bit-identical
 
 
+def test_beam_prepares_from_a_bucket_into_a_bucket(servers, tokenizer_dir, tmp_path, rng):
+    """What Dataflow workers do: read the sources' files from a bucket (a glob) and write the
+    shards into one; the same bytes as the local runner reading the same files."""
+    inputs = f"gs://{BUCKET}/inputs/{tmp_path.name}"
+    for name in ("a", "b", "c"):
+        lines = [f'{{"text": "{name} {" ".join(map(str, rng.integers(0, 999, 40)))}"}}'
+                 for _ in range(int(rng.integers(3, 9)))]
+        (storage.path(inputs) / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    (storage.path(inputs) / "skipped.txt").write_text("not matched by the glob")
+    prepare = ["data", "prepare", f"{inputs}/*.jsonl", "--tokenizer", str(tokenizer_dir),
+               "--workers", "2", "--documents-per-shard", "4"]
+    beam_out = f"gs://{BUCKET}/data/{tmp_path.name}"
+    assert main([*prepare, "--out", beam_out, "--runner", "beam"]) == 0
+    assert main([*prepare, "--out", str(tmp_path / "local")]) == 0
+    local_files = sorted(p for p in (tmp_path / "local").glob("*") if p.is_file())
+    assert len(local_files) > 3
+    for file in local_files:
+        assert (storage.path(beam_out) / file.name).read_bytes() == file.read_bytes(), file.name
+
+
 def test_two_processes_write_one_gcs_run_restored_on_one(servers, tokenizer_dir, tmp_path):
     """2 processes x 4 CPU devices train into one gs:// run dir (each writes its shards of every
     checkpoint there) with the losses of one process with 8 devices; this process (1 x 8)

@@ -1,8 +1,8 @@
 """MDS directories (mosaicml-streaming's format, Ettin's released data) as sources: shards written
 by mosaicml-streaming's own MDSWriter read back through `open_source` equal what was written and
 what mosaicml-streaming's StreamingDataset reads, in every compression ettin-jax decompresses, in
-Ettin's layout (a root index merged over component directories, shards left decompressed), and a
-model trains on them exactly as on the same documents given as text."""
+Ettin's layout (a root index merged over component directories, shards left decompressed) and
+from a bucket, and a model trains on them exactly as on the same documents given as text."""
 
 from __future__ import annotations
 
@@ -238,3 +238,29 @@ def test_a_model_trains_on_mds_token_ids_as_on_the_same_text(tmp_path):
         losses[name] = [r["loss"] for r in read_metrics(tmp_path / name)]
     assert len(losses["mds"]) == 3 and np.all(np.isfinite(losses["mds"]))
     assert losses["mds"] == losses["text"]
+
+
+def test_an_mds_directory_in_a_bucket_reads_like_a_local_one(tmp_path):
+    """s3:// (moto's server on loopback): kind inferred, the index read from the bucket, each
+    shard fetched to the local cache on the first read of one of its documents."""
+    from object_stores import BUCKET, S3Server, restore_environment, set_environment
+
+    from ettin_jax import storage
+
+    rng = np.random.default_rng()
+    texts = _texts(rng, 40)
+    _write(tmp_path / "mds", texts, rng)
+    with S3Server() as s3:
+        before = set_environment(s3.env)
+        try:
+            url = f"s3://{BUCKET}/ettin/train"
+            storage.upload_tree(tmp_path / "mds", url)
+            opened = open_source(SourceConfig(url, field="input_ids"), ByteTokenizer())
+            assert source_kind(SourceConfig(url)) == "mds"
+            cached = list((tmp_path / "cache").rglob("shard.*"))
+            assert not cached  # nothing fetched before a document is read
+            for i in rng.permutation(len(texts)):
+                np.testing.assert_array_equal(opened.dataset[int(i)],
+                                              ByteTokenizer().encode(texts[i]))
+        finally:
+            restore_environment(before)

@@ -53,6 +53,9 @@ COMPRESSIONS = ("zstd", "gz", "bz2")
 # Shards whose documents measure a source's mean document length (all of them when it has no
 # more): evenly spaced, so that the first read of a large source opens only a few shards.
 LENGTH_SAMPLE_SHARDS = 8
+# Shards a column keeps memory-mapped at once (each map holds a file descriptor): the oldest is
+# closed when another opens. Ettin's pre-training data alone has ~10^5 shards.
+MAX_OPEN_SHARDS = 128
 
 _NDARRAY_DTYPES = {8: "uint8", 9: "int8", 16: "uint16", 17: "int16", 18: "float16",
                    32: "uint32", 33: "int32", 34: "float32", 64: "uint64", 65: "int64",
@@ -348,7 +351,7 @@ class MdsColumn:
     `strip[1]` ([SEP]) are removed when present (Ettin stored every chunk bracketed; the packer
     brackets chunks itself), and ids outside [0, vocab_size) raise SourceError naming the
     directory, column and sample. A "text" column gives strings. Shards open on first use
-    (`open_shard`), each once per process."""
+    (`open_shard`); up to MAX_OPEN_SHARDS stay open per process (the oldest closes first)."""
 
     def __init__(self, index: MdsIndex, field: str, *, vocab_size: int | None = None,
                  strip: tuple[int, int] | None = None):
@@ -385,14 +388,17 @@ class MdsColumn:
         return self.document(number, self.shard_data(number), index - int(self._starts[number]))
 
     def shard_data(self, number: int) -> np.ndarray:
-        """The uncompressed bytes of shard `number`, opened once (see `open_shard`)."""
+        """The uncompressed bytes of shard `number` (see `open_shard`), kept open while it is
+        among the MAX_OPEN_SHARDS opened last."""
         data = self._open.get(number)
         if data is None:
             with self._lock:
                 data = self._open.get(number)
                 if data is None:
-                    data = self._open[number] = open_shard(self.index.path,
-                                                           self.index.shards[number])
+                    data = open_shard(self.index.path, self.index.shards[number])
+                    while len(self._open) >= MAX_OPEN_SHARDS:
+                        del self._open[next(iter(self._open))]
+                    self._open[number] = data
         return data
 
     def document(self, number: int, data: np.ndarray, index: int) -> np.ndarray | str:

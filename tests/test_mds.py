@@ -264,3 +264,20 @@ def test_an_mds_directory_in_a_bucket_reads_like_a_local_one(tmp_path):
                                               ByteTokenizer().encode(texts[i]))
         finally:
             restore_environment(before)
+
+
+def test_only_the_last_opened_shards_stay_open(tmp_path, monkeypatch):
+    """Each open shard holds a file descriptor; a column keeps at most MAX_OPEN_SHARDS of them,
+    and documents of closed shards still read back right."""
+    import data_pipelines.mds as mds
+
+    monkeypatch.setattr(mds, "MAX_OPEN_SHARDS", 2)
+    rng = np.random.default_rng()
+    texts = _texts(rng, 40)
+    _write(tmp_path / "mds", texts, rng, size_limit=1024)
+    column = mds.open_column(SourceConfig(str(tmp_path / "mds"), field="input_ids"),
+                             ByteTokenizer())
+    assert len(column.index.shards) > 4
+    for i in list(rng.permutation(len(texts))) * 2:
+        np.testing.assert_array_equal(column[int(i)], ByteTokenizer().encode(texts[i]))
+        assert len(column._open) <= 2

@@ -15,7 +15,7 @@ DEMO_ENV := JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu}
 install: $(STAMP)
 
 # PIP_CONSTRAINT also holds pip's build environments (setuptools) to the lock.
-$(STAMP): setup.cfg pyproject.toml $(LOCK)
+$(STAMP): setup.cfg pyproject.toml $(LOCK) requirements-streaming.txt
 	python3 -m venv $(VENV)
 	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet --upgrade pip
 	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet -e '.[test,tpu]'

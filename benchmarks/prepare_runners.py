@@ -92,7 +92,8 @@ def main() -> None:
     print_provenance(f"corpus: the bundled corpus x {args.copies} as JSON Lines: {documents:,} "
                      f"documents, {megabytes:.1f} MB; BPE vocab {args.vocab_size}; both runners "
                      f"wrote identical shards and manifests: {'yes' if same else 'NO'}")
-    print("| tokenizing | cores | seconds | documents/s | MB/s | MB/s per core | per core / plain |")
+    print("| tokenizing | cores | seconds | documents/s | MB/s | MB/s per core "
+          "| per core / plain |")
     print("|---|---|---|---|---|---|---|")
     plain_per_core = megabytes / rows[0][2]
     for name, cores, seconds in rows:

@@ -25,11 +25,18 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 from etils.epath import Path
 
 from data_pipelines.config import SourceConfig
 from data_pipelines.prepare import PROGRESS_DIR, finished_shard, write_shard
-from data_pipelines.sources import SourceError, SourceStats, SourceUnit, iter_texts, source_units
+from data_pipelines.sources import (
+    SourceError,
+    SourceStats,
+    SourceUnit,
+    iter_documents,
+    source_units,
+)
 from ettin_jax import storage
 from ettin_jax.errors import ConfigError
 
@@ -89,12 +96,13 @@ def _build(pipeline, numbered: list, sources: Sequence[SourceConfig], out: str,
     sources = list(sources)
     spread = pipeline | "units" >> beam.Create(numbered) | "spread units" >> beam.Reshuffle()
     first_documents = (spread
-                       | "count documents" >> beam.Map(_count_unit, sources, out)
+                       | "count documents" >> beam.Map(_count_unit, sources, out, tokenizer)
                        | "all counts" >> beam.combiners.ToDict()
                        | "first document of each unit" >> beam.Map(_first_documents))
     _ = (spread
          | "documents by shard" >> beam.FlatMap(_documents_by_shard, sources, documents_per_shard,
-                                                finished, beam.pvalue.AsSingleton(first_documents))
+                                                finished, tokenizer,
+                                                beam.pvalue.AsSingleton(first_documents))
          | "gather shards" >> beam.GroupByKey()
          | "tokenize and write" >> beam.Map(_write_gathered_shard, out, tokenizer))
 
@@ -110,7 +118,7 @@ def _unit_record(out: str, unit_index: int) -> Path:
 
 
 def _count_unit(element: tuple[int, tuple[int, SourceUnit]], sources: list[SourceConfig],
-                out: str) -> tuple[int, int]:
+                out: str, tokenizer) -> tuple[int, int]:
     """Beam: (unit index, its number of documents), read once and recorded."""
     from apache_beam.metrics import Metrics
 
@@ -119,13 +127,19 @@ def _count_unit(element: tuple[int, tuple[int, SourceUnit]], sources: list[Sourc
     if record.is_file():
         return unit_index, json.loads(record.read_text())["stats"]["documents"]
     stats = SourceStats()
-    for _ in iter_texts(sources[source_index], stats, units=[unit], skip_bad_records=True):
+    for _ in _documents(sources[source_index], stats, unit, tokenizer):
         pass
     storage.write_text_atomically(record, json.dumps({"unit": _unit_dict(unit),
                                                       "stats": stats.as_dict()}))
     Metrics.counter(METRICS_NAMESPACE, "documents").inc(stats.documents)
     Metrics.counter(METRICS_NAMESPACE, "bad_records_skipped").inc(stats.bad_records_skipped)
     return unit_index, stats.documents
+
+
+def _documents(source: SourceConfig, stats: SourceStats, unit: SourceUnit,
+               tokenizer) -> Iterator[str | np.ndarray]:
+    """The documents of one unit as the local runner reads them (`prepare._prepare_locally`)."""
+    return iter_documents(source, stats, tokenizer=tokenizer, units=[unit], skip_bad_records=True)
 
 
 def _unit_dict(unit: SourceUnit) -> dict:
@@ -143,25 +157,25 @@ def _first_documents(counts: dict[int, int]) -> dict[int, int]:
 
 def _documents_by_shard(element: tuple[int, tuple[int, SourceUnit]],
                         sources: list[SourceConfig], documents_per_shard: int,
-                        finished: frozenset[int], first_documents: dict[int, int]
-                        ) -> Iterator[tuple[int, tuple[int, str]]]:
-    """Beam: (shard index, (document index, text)) for the documents of one unit, except
-    those of finished shards."""
+                        finished: frozenset[int], tokenizer, first_documents: dict[int, int]
+                        ) -> Iterator[tuple[int, tuple[int, str | np.ndarray]]]:
+    """Beam: (shard index, (document index, document)) for the documents of one unit (texts,
+    or token arrays: `iter_documents`), except those of finished shards."""
     unit_index, (source_index, unit) = element
     index = first_documents[unit_index]
-    for text in iter_texts(sources[source_index], SourceStats(), units=[unit],
-                           skip_bad_records=True):
+    for document in _documents(sources[source_index], SourceStats(), unit, tokenizer):
         shard = index // documents_per_shard
         if shard not in finished:
-            yield shard, (index, text)
+            yield shard, (index, document)
         index += 1
 
 
-def _write_gathered_shard(gathered: tuple[int, Sequence[tuple[int, str]]], out: str,
-                          tokenizer) -> int:
-    """Beam: writes one shard from its (document index, text) pairs, in document order."""
+def _write_gathered_shard(gathered: tuple[int, Sequence[tuple[int, str | np.ndarray]]],
+                          out: str, tokenizer) -> int:
+    """Beam: writes one shard from its (document index, document) pairs, in document order."""
     shard, documents = gathered
-    return write_shard(storage.path(out), shard, [text for _, text in sorted(documents)],
+    in_order = sorted(documents, key=lambda pair: pair[0])
+    return write_shard(storage.path(out), shard, [document for _, document in in_order],
                        tokenizer)
 
 

@@ -35,7 +35,11 @@ class SourceConfig:
     weight: relative share of TOKENS in a mixture (as Ettin's proportions: DCLM 49%, ...): a
       source's documents are drawn with probability proportional to weight / its mean document
       length in tokens (see `data_pipelines.sources.mixture`).
-    field: JSON Lines / Parquet column / TFDS feature holding the text.
+    field: JSON Lines / Parquet column / TFDS feature holding the text; an MDS or Parquet column
+      of integer arrays holds token ids instead (Ettin's data and `ettin-data-order`), kept as
+      they are less one [CLS] / [SEP] bracket.
+    shuffle: False reads the documents in the source's own order, every epoch, instead of
+      shuffling them (replaying a published order such as Ettin's `ettin-data-order`).
     documents: text files: "file" (one document per file) or "blank_lines" (documents separated
       by blank lines).
     split: split of the bundled corpus or the TFDS dataset ("train", "heldout", ...).
@@ -49,6 +53,7 @@ class SourceConfig:
     documents: Literal["file", "blank_lines"] = "file"
     split: str = "train"
     data_dir: str | None = None
+    shuffle: bool = True
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "path must not be empty")

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.config import SourceConfig
-from data_pipelines.sources import LENGTH_SAMPLE_DOCUMENTS, SourceError
+from data_pipelines.sources import LENGTH_SAMPLE_DOCUMENTS, SourceError, token_ids
 from ettin_jax import storage
 
 INDEX = "index.json"
@@ -114,7 +114,13 @@ class MdsIndex:
 def read_index(path: storage.PathLike) -> MdsIndex:
     """The index of the MDS directory `path`. Raises SourceError when it has no index.json
     (naming sub-directories that do, if any), or the index is not an MDS index mosaicml-streaming
-    (version 2) writes."""
+    (version 2) writes. Read once per process and path: a distributed preparation reads one
+    shard per step, and Ettin's root index lists about 10^5 of them."""
+    return _read_index(str(path))
+
+
+@functools.lru_cache(maxsize=16)
+def _read_index(path: str) -> MdsIndex:
     root = storage.path(path)
     index_file = root / INDEX
     if not index_file.is_file():
@@ -347,14 +353,13 @@ class MdsColumn:
     """One column of an MDS directory as a random-access, picklable source of documents (grain's
     interface: len and getitem), in index order.
 
-    A "tokens" column gives int32 arrays: one leading `strip[0]` ([CLS]) and one trailing
-    `strip[1]` ([SEP]) are removed when present (Ettin stored every chunk bracketed; the packer
-    brackets chunks itself), and ids outside [0, vocab_size) raise SourceError naming the
-    directory, column and sample. A "text" column gives strings. Shards open on first use
+    A "tokens" column gives int32 arrays (`sources.token_ids` with `tokenizer`: one leading
+    [CLS] and one trailing [SEP] removed, since Ettin stored every chunk bracketed and the
+    packer brackets chunks itself; ids outside the vocabulary raise SourceError naming the
+    directory, column and sample). A "text" column gives strings. Shards open on first use
     (`open_shard`); up to MAX_OPEN_SHARDS stay open per process (the oldest closes first)."""
 
-    def __init__(self, index: MdsIndex, field: str, *, vocab_size: int | None = None,
-                 strip: tuple[int, int] | None = None):
+    def __init__(self, index: MdsIndex, field: str, *, tokenizer=None):
         columns = index.columns()
         if field not in columns:
             listed = ", ".join(f"{name} ({encoding})" for name, encoding in columns.items())
@@ -373,7 +378,7 @@ class MdsColumn:
                                   f"({shard.raw.basename}) has no column {field!r} (its "
                                   f"columns: {list(shard.names)})")
         self.index, self.field = index, field
-        self.vocab_size, self.strip = vocab_size, strip
+        self.tokenizer = tokenizer
         self._starts = np.cumsum([0] + [shard.samples for shard in index.shards])
         self._open: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -411,24 +416,8 @@ class MdsColumn:
         return self._tokens(value, int(self._starts[number]) + index)
 
     def _tokens(self, value: np.ndarray, index: int) -> np.ndarray:
-        where = f"MDS source {self.index.path!r} column {self.field!r} sample {index}"
-        if value.ndim != 1 or value.dtype.kind not in "iu":
-            raise SourceError(f"{where}: a {value.dtype} array of shape {value.shape}, not a "
-                              f"flat array of token ids")
-        if self.strip is not None and len(value) and value[0] == self.strip[0]:
-            value = value[1:]
-        if self.strip is not None and len(value) and value[-1] == self.strip[1]:
-            value = value[:-1]
-        if len(value):
-            high = (self.vocab_size if self.vocab_size is not None
-                    else np.iinfo(np.int32).max + 1)
-            low, top = int(value.min()), int(value.max())
-            if low < 0 or top >= high:
-                bad = low if low < 0 else top
-                raise SourceError(f"{where}: token id {bad} is outside "
-                                  f"{'the vocabulary' if self.vocab_size else 'int32'} "
-                                  f"[0, {high}); the data was tokenized with another tokenizer")
-        return np.array(value, np.int32)  # a copy: not a view of the memory map
+        return token_ids(value, f"MDS source {self.index.path!r} column {self.field!r} sample "
+                                f"{index}", self.tokenizer)
 
     def __getstate__(self) -> dict:  # memory maps and the lock stay with their process
         return {**self.__dict__, "_open": {}, "_lock": None}
@@ -449,19 +438,18 @@ def open_column(source: SourceConfig, tokenizer=None) -> MdsColumn:
                 is None:
             _decompress(shard.compression, b"", 0,
                         storage.path(index.path) / (shard.zip or shard.raw).basename)
-    vocab = getattr(tokenizer, "vocab_size", None)
-    specials = getattr(tokenizer, "special_tokens", None)
-    return MdsColumn(index, source.field, vocab_size=vocab,
-                     strip=(specials.cls, specials.sep) if specials is not None else None)
+    return MdsColumn(index, source.field, tokenizer=tokenizer)
 
 
-def iter_mds_documents(source: SourceConfig, tokenizer=None) -> Iterator[np.ndarray | str]:
-    """Every document of the MDS source `source` in index order, one shard open at a time:
-    int32 token arrays for a token column (checked and stripped as `open_column` says when
-    `tokenizer` is given; only checked to fit int32 otherwise), strings for a text column.
-    Raises SourceError as `open_column` and `open_shard` do."""
+def iter_mds_documents(source: SourceConfig, tokenizer=None, *,
+                       shards: range | None = None) -> Iterator[np.ndarray | str]:
+    """Every document of the MDS source `source` (of its `shards`, default all) in index order,
+    one shard open at a time: int32 token arrays for a token column (checked and stripped as
+    `open_column` says when `tokenizer` is given; only checked to fit int32 otherwise), strings
+    for a text column. Raises SourceError as `open_column` and `open_shard` do."""
     column = open_column(source, tokenizer)
-    for number, shard in enumerate(column.index.shards):
+    for number in range(len(column.index.shards)) if shards is None else shards:
+        shard = column.index.shards[number]
         data = open_shard(column.index.path, shard)
         for index in range(shard.samples):
             yield column.document(number, data, index)
@@ -502,13 +490,3 @@ def open_mds(source: SourceConfig, tokenizer):
         dataset = dataset.map(tokenizer.encode)
     return dataset, len(column), functools.cache(functools.partial(mean_tokens, column,
                                                                    tokenizer))
-
-
-def iter_mds_texts(source: SourceConfig) -> Iterator[str]:
-    """The documents of an MDS source's text column, in index order (for `sources.iter_texts`).
-    Raises SourceError when the column holds token ids."""
-    column = open_column(source)
-    if column.kind != "text":
-        raise SourceError(f"MDS source {source.path!r}: column {source.field!r} holds token ids, "
-                          f"not text")
-    yield from iter_mds_documents(source)

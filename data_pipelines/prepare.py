@@ -39,8 +39,7 @@ from data_pipelines.sources import (
     SourceError,
     SourceStats,
     check_prepared,
-    iter_texts,
-    source_units,
+    iter_documents,
 )
 from ettin_jax import storage
 
@@ -114,10 +113,10 @@ def _prepare_locally(sources: Sequence[SourceConfig], tokenizer, out: Path, *,
                      documents_per_shard: int, workers: int,
                      progress: bool) -> dict[str, SourceStats]:
     stats = {s.path: SourceStats() for s in sources}
-    texts = itertools.chain.from_iterable(
-        iter_texts(s, stats[s.path], units=source_units(s), skip_bad_records=True)
+    documents = itertools.chain.from_iterable(
+        iter_documents(s, stats[s.path], tokenizer=tokenizer, skip_bad_records=True)
         for s in sources)
-    shards = _batched(texts, documents_per_shard)
+    shards = _batched(documents, documents_per_shard)
     bar = tqdm(desc=f"prepare {out.name}", unit=" docs", disable=not progress)
     pending: list[Future] = []
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -175,28 +174,30 @@ def _collect(pending: list[Future], bar, *, wait_for_one: bool = False) -> None:
         pending.remove(future)
 
 
-def write_shard(out: Path, index: int, documents: list[str], tokenizer) -> int:
-    """Tokenizes `documents` into shard `index` of `out` and records it as finished (each file
-    replaced in one step: a retry rewrites the same bytes); returns the number of documents."""
+def write_shard(out: Path, index: int, documents: list[str | np.ndarray], tokenizer) -> int:
+    """Tokenizes `documents` (texts; token arrays are kept as they are) into shard `index` of
+    `out` and records it as finished (each file replaced in one step: a retry rewrites the same
+    bytes); returns the number of documents."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     final = out / shard_name(index)
-    tokens = 0
+    texts = [d for d in documents if isinstance(d, str)]
+    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
+    token_ids = [np.asarray(next(encoded) if isinstance(d, str) else d, np.int32)
+                 for d in documents]
 
     def write(tmp: str) -> None:
-        nonlocal tokens
         writer = ArrayRecordWriter(tmp, "group_size:1")
         try:
-            for ids in tokenizer.encode_batch(documents):
-                ids = np.asarray(ids, np.int32)
-                tokens += len(ids)
+            for ids in token_ids:
                 writer.write(ids.tobytes())
         finally:
             writer.close()
 
     storage.write_atomically(final, write)
-    record = {"file": final.name, "documents": len(documents), "tokens": tokens,
-              "text_bytes": sum(len(d.encode("utf-8", errors="replace")) for d in documents)}
+    record = {"file": final.name, "documents": len(documents),
+              "tokens": sum(len(ids) for ids in token_ids),
+              "text_bytes": sum(len(t.encode("utf-8", errors="replace")) for t in texts)}
     storage.write_text_atomically(out / PROGRESS_DIR / f"{index:05d}.json", json.dumps(record))
     return len(documents)
 

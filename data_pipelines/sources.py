@@ -150,7 +150,8 @@ def source_files(source: SourceConfig) -> list[epath.Path]:
 @dataclasses.dataclass(frozen=True)
 class SourceUnit:
     """A piece of a text-like source that one reader reads front to back: a file of a
-    file-based source, TFDS records [start, stop), or the whole bundled corpus (all None)."""
+    file-based source, TFDS records [start, stop), MDS shards [start, stop), or the whole
+    bundled corpus (all None)."""
 
     file: str | None = None
     start: int | None = None
@@ -166,7 +167,10 @@ def source_units(source: SourceConfig) -> list[SourceUnit]:
     if kind == "bundled":
         return [SourceUnit()]
     if kind == "mds":
-        return [SourceUnit()]  # its text column, in index order
+        from data_pipelines.mds import read_index
+
+        return [SourceUnit(start=number, stop=number + 1)
+                for number in range(len(read_index(source.path).shards))]
     if kind == "tfds":
         count = len(tfds_records(source))
         return [SourceUnit(start=start, stop=min(start + TFDS_RECORDS_PER_UNIT, count))
@@ -174,29 +178,74 @@ def source_units(source: SourceConfig) -> list[SourceUnit]:
     return [SourceUnit(file=str(file)) for file in source_files(source)]
 
 
-def iter_texts(source: SourceConfig, stats: SourceStats, *, units: Sequence[SourceUnit] | None
-               = None, skip_bad_records: bool = False) -> Iterator[str]:
-    """The documents of a text-like source (not "prepared"), in a fixed order, as strings:
-    those of `units` (default: all of `source_units`), in order.
+def iter_documents(source: SourceConfig, stats: SourceStats, *, tokenizer=None,
+                   units: Sequence[SourceUnit] | None = None,
+                   skip_bad_records: bool = False) -> Iterator[str | np.ndarray]:
+    """The documents of a source that is not "prepared", in a fixed order: those of `units`
+    (default: all of `source_units`), in order. Strings, or int32 arrays where the source
+    stores token ids (an MDS column of integer arrays, a Parquet column of integer lists: how
+    Ettin released its data and its training order; see `token_ids`, which `tokenizer`
+    parametrises).
 
     Updates `stats` as it goes. Raises SourceError for unreadable input, and for bad records
     unless `skip_bad_records` (then they are counted in `stats`).
     """
     kind = source_kind(source)
     for unit in source_units(source) if units is None else units:
-        for text in _raw_texts(source, kind, unit, stats, skip_bad_records):
-            if not text.strip():
+        for document in _raw_documents(source, kind, unit, stats, skip_bad_records, tokenizer):
+            if not isinstance(document, str):
+                if len(document):
+                    stats.documents += 1
+                    yield document
+                else:
+                    stats.empty_skipped += 1
+                continue
+            if not document.strip():
                 stats.empty_skipped += 1
                 continue
-            pieces = list(_split_enormous(text))
+            pieces = list(_split_enormous(document))
             if len(pieces) > 1:
                 stats.enormous_split += 1
             stats.documents += len(pieces)
             yield from pieces
 
 
-def _raw_texts(source: SourceConfig, kind: str, unit: SourceUnit, stats: SourceStats,
-               skip: bool) -> Iterator[str]:
+def iter_texts(source: SourceConfig, stats: SourceStats, *, units: Sequence[SourceUnit] | None
+               = None, skip_bad_records: bool = False) -> Iterator[str]:
+    """`iter_documents` of a source of text. Raises SourceError for a source of token ids."""
+    for document in iter_documents(source, stats, units=units,
+                                   skip_bad_records=skip_bad_records):
+        if not isinstance(document, str):
+            raise SourceError(f"source {source.path!r}: field {source.field!r} holds token "
+                              f"ids, not text")
+        yield document
+
+
+def token_ids(value: np.ndarray, where: str, tokenizer=None) -> np.ndarray:
+    """A stored document's token ids as a new int32 array, as Ettin stored its chunks: one
+    leading [CLS] and one trailing [SEP] of `tokenizer` are removed when present (the packer
+    brackets every chunk itself). Raises SourceError naming `where` for anything but a flat
+    array of integers, or an id outside `tokenizer`'s vocabulary (without a tokenizer: int32)."""
+    value = np.asarray(value)
+    if value.ndim != 1 or (len(value) and value.dtype.kind not in "iu"):
+        raise SourceError(f"{where}: a {value.dtype} array of shape {value.shape}, not a flat "
+                          f"array of token ids")
+    if tokenizer is not None and len(value) and value[0] == tokenizer.special_tokens.cls:
+        value = value[1:]
+    if tokenizer is not None and len(value) and value[-1] == tokenizer.special_tokens.sep:
+        value = value[:-1]
+    if len(value):
+        high = tokenizer.vocab_size if tokenizer is not None else np.iinfo(np.int32).max + 1
+        low, top = int(value.min()), int(value.max())
+        if low < 0 or top >= high:
+            raise SourceError(f"{where}: token id {low if low < 0 else top} is outside "
+                              f"{'the vocabulary' if tokenizer is not None else 'int32'} "
+                              f"[0, {high}); the data was tokenized with another tokenizer")
+    return np.array(value, np.int32)
+
+
+def _raw_documents(source: SourceConfig, kind: str, unit: SourceUnit, stats: SourceStats,
+                   skip: bool, tokenizer) -> Iterator[str | np.ndarray]:
     if kind == "bundled":
         from data_pipelines.corpus import bundled_documents
 
@@ -208,16 +257,17 @@ def _raw_texts(source: SourceConfig, kind: str, unit: SourceUnit, stats: SourceS
     elif kind == "tfds":
         yield from _tfds_texts(source, unit, stats)
     elif kind == "mds":
-        from data_pipelines.mds import iter_mds_texts
+        from data_pipelines.mds import iter_mds_documents
 
-        yield from iter_mds_texts(source)
+        yield from iter_mds_documents(source, tokenizer, shards=None if unit.stop is None
+                                      else range(unit.start or 0, unit.stop))
     else:
         file = storage.path(unit.file)
         file_kind = _kind_of(file) if source.kind == "auto" else kind
         if file_kind == "jsonl":
             yield from _jsonl_texts(file, source.field, stats, skip)
         elif file_kind == "parquet":
-            yield from _parquet_texts(file, source.field, stats, skip)
+            yield from _parquet_documents(file, source.field, stats, skip, tokenizer)
         else:
             text = _decode(file.read_bytes(), stats)
             if source.documents == "blank_lines":
@@ -276,8 +326,11 @@ def _jsonl_texts(file: epath.Path, field: str, stats: SourceStats,
             yield value or ""
 
 
-def _parquet_texts(file: epath.Path, field: str, stats: SourceStats,
-                   skip: bool) -> Iterator[str]:
+def _parquet_documents(file: epath.Path, field: str, stats: SourceStats, skip: bool,
+                       tokenizer) -> Iterator[str | np.ndarray]:
+    """A Parquet file's `field`: strings, or token arrays for a column of integer lists."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     try:
@@ -288,9 +341,20 @@ def _parquet_texts(file: epath.Path, field: str, stats: SourceStats,
     if field not in parquet.schema_arrow.names:
         raise SourceError(f"{file}: no column {field!r} (columns: {parquet.schema_arrow.names}); "
                           f"set the source's `field`")
+    kind = parquet.schema_arrow.field(field).type
+    is_tokens = ((pa.types.is_list(kind) or pa.types.is_large_list(kind))
+                 and pa.types.is_integer(kind.value_type))
+    row = 0
     for batch in parquet.iter_batches(columns=[field]):
-        for value in batch.column(0).to_pylist():
-            yield value or ""
+        column = batch.column(0)
+        if not is_tokens:
+            yield from (value or "" for value in column.to_pylist())
+            continue
+        ends = np.cumsum(pc.fill_null(pc.list_value_length(column), 0).to_numpy())
+        ids = column.flatten().to_numpy(zero_copy_only=False)
+        for start, end in zip(np.concatenate([[0], ends[:-1]]), ends):
+            yield token_ids(ids[start:end], f"{file} row {row}", tokenizer)
+            row += 1
 
 
 def _tfds_texts(source: SourceConfig, unit: SourceUnit, stats: SourceStats) -> Iterator[str]:
@@ -338,7 +402,7 @@ class TokenDocuments:
     into document sampling weights): prepared sources: the manifest's tokens / documents
     (exact); in-memory sources: the exact mean character count of the documents times the
     tokens per character of up to LENGTH_SAMPLE_DOCUMENTS evenly spaced documents (exact when
-    the source holds no more). Computed on first use only.
+    the source holds no more, and for token ids). Computed on first use only.
     """
 
     source: SourceConfig
@@ -351,7 +415,8 @@ class TokenDocuments:
 def open_source(source: SourceConfig, tokenizer) -> TokenDocuments:
     """`source` as token arrays: prepared shards and MDS directories are read where they lie
     (an MDS token column keeps its ids, see `data_pipelines.mds`); other sources are read
-    into memory and tokenized on access with `tokenizer` (anything with `encode(str)`).
+    into memory (`iter_documents`), texts tokenized on access with `tokenizer` (anything with
+    `encode(str)`), stored token ids kept.
 
     Raises SourceError when the source holds no documents.
     """
@@ -366,9 +431,11 @@ def open_source(source: SourceConfig, tokenizer) -> TokenDocuments:
 
         dataset, stats.documents, mean_tokens = open_mds(source, tokenizer)
     else:
-        texts = list(iter_texts(source, stats))
-        dataset = grain.MapDataset.source(texts).map(tokenizer.encode)
-        mean_tokens = functools.cache(functools.partial(_text_mean_tokens, texts, tokenizer))
+        documents = list(iter_documents(source, stats, tokenizer=tokenizer))
+        tokens_of = functools.partial(_tokens_of, tokenizer)
+        dataset = grain.MapDataset.source(documents).map(tokens_of)
+        mean_tokens = functools.cache(functools.partial(_memory_mean_tokens, documents,
+                                                        tokens_of))
     if stats.documents == 0:
         raise SourceError(f"source {source.path!r} holds no documents "
                           f"({stats.empty_skipped} empty ones skipped)")
@@ -380,15 +447,19 @@ def _prepared_mean_tokens(path: str) -> float:
     return manifest["tokens"] / max(manifest["documents"], 1)
 
 
-def _text_mean_tokens(texts: Sequence[str], tokenizer) -> float:
-    count = len(texts)
-    picked = sorted({(i * count) // LENGTH_SAMPLE_DOCUMENTS
-                     for i in range(min(count, LENGTH_SAMPLE_DOCUMENTS))})
-    sample_chars = sum(len(texts[i]) for i in picked)
-    sample_tokens = sum(len(tokenizer.encode(texts[i])) for i in picked)
+def _tokens_of(tokenizer, document: str | np.ndarray) -> np.ndarray:
+    return tokenizer.encode(document) if isinstance(document, str) else document
+
+
+def _memory_mean_tokens(documents: Sequence[str | np.ndarray], tokens_of: Callable) -> float:
+    count = len(documents)
+    sampled = min(count, LENGTH_SAMPLE_DOCUMENTS)
+    picked = sorted({(i * count) // sampled for i in range(sampled)})
+    sample_chars = sum(len(documents[i]) for i in picked)  # token arrays: their tokens
+    sample_tokens = sum(len(tokens_of(documents[i])) for i in picked)
     if len(picked) == count or sample_chars == 0:
         return sample_tokens / max(len(picked), 1)
-    return sum(len(t) for t in texts) / count * sample_tokens / sample_chars
+    return sum(len(d) for d in documents) / count * sample_tokens / sample_chars
 
 
 def document_weights(sources: Sequence[TokenDocuments]) -> list[float]:
@@ -405,13 +476,15 @@ def mixture(sources: Sequence[TokenDocuments], *, seed: int) -> grain.MapDataset
     """An endless stream of documents from `sources` as records {"tokens": int32 array,
     "source": index in `sources`}, mixed so that each source's `weight` is its share of the
     tokens (`document_weights`); each source is reshuffled every epoch, deterministically for
-    `seed`. (grain rounds the mixing proportions to integers, the smallest to 100: a share is
-    off by at most 1% of itself.)"""
-    endless = [
-        s.dataset.map(functools.partial(_record, index))
-        .shuffle(seed=_source_seed(seed, index)).repeat(None)
-        for index, s in enumerate(sources)
-    ]
+    `seed`, unless it says `shuffle: false` (then its documents come in its order, every
+    epoch: a published order replayed). (grain rounds the mixing proportions to integers,
+    the smallest to 100: a share is off by at most 1% of itself.)"""
+    endless = []
+    for index, s in enumerate(sources):
+        records = s.dataset.map(functools.partial(_record, index))
+        if s.source.shuffle:
+            records = records.shuffle(seed=_source_seed(seed, index))
+        endless.append(records.repeat(None))
     if len(endless) == 1:
         return endless[0]
     return grain.MapDataset.mix(endless, weights=document_weights(sources))

@@ -14,16 +14,14 @@ import importlib.util
 import sys
 import types
 
-import pytest
-
 
 def _bypass_package_init() -> None:
     if "streaming" in sys.modules:
         return
     spec = importlib.util.find_spec("streaming")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("mosaicml-streaming is not installed (pip install --no-deps -r "
-                    "requirements-streaming.txt)", allow_module_level=True)
+        raise ImportError("mosaicml-streaming is not installed: make install, or pip install "
+                          "--no-deps -r requirements-streaming.txt")
     package = types.ModuleType("streaming")
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["streaming"] = package

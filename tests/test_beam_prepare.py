@@ -1,6 +1,7 @@
 """`data prepare --runner beam`: Apache Beam's DirectRunner on two worker processes writes what the
-local runner writes (shards byte for byte, the manifest), counts bad records instead of failing,
-and resumes an interrupted preparation without redoing finished work."""
+local runner writes (shards byte for byte, the manifest) from text files, JSON Lines and Ettin's
+token ids in MDS shards, counts bad records instead of failing, and resumes an interrupted
+preparation without redoing finished work."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 
 from data_pipelines.config import SourceConfig
 from data_pipelines.prepare import PROGRESS_DIR, prepare
-from data_pipelines.sources import SourceStats, iter_texts
+from data_pipelines.sources import SourceStats, iter_documents, source_units
 from data_pipelines.tokenizers import load_tokenizer
 from ettin_jax.cli import main
 
@@ -25,8 +26,12 @@ def _texts(rng: np.random.Generator, count: int) -> list[str]:
 
 
 @pytest.fixture
-def sources(tmp_path, rng) -> list[SourceConfig]:
-    """Three units of text files, and a JSON Lines file with two bad records and an empty one."""
+def sources(tmp_path, rng, tokenizer_dir) -> list[SourceConfig]:
+    """Three units of text files; a JSON Lines file with two bad records and an empty one; MDS
+    shards (units too) of bracketed token ids, as Ettin stored them (in a column named `text`,
+    so that one --field serves all three)."""
+    from mosaic_streaming import MDSWriter
+
     texts = tmp_path / "texts"
     texts.mkdir()
     for index, text in enumerate(_texts(rng, 3)):
@@ -36,7 +41,15 @@ def sources(tmp_path, rng) -> list[SourceConfig]:
     lines[12] = json.dumps({"body": "no text field"})
     lines[20] = json.dumps({"text": ""})
     (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
-    return [SourceConfig(str(texts)), SourceConfig(str(tmp_path / "mixed.jsonl"), )]
+    tokenizer = load_tokenizer(tokenizer_dir)
+    cls, sep = tokenizer.special_tokens.cls, tokenizer.special_tokens.sep
+    with MDSWriter(out=str(tmp_path / "mds"), columns={"text": "ndarray:uint32"},
+                   compression="zstd", size_limit=400) as writer:
+        for text in _texts(rng, 12):
+            ids = [cls, *tokenizer.encode(text).tolist(), sep]
+            writer.write({"text": np.asarray(ids, np.uint32)})
+    return [SourceConfig(str(texts)), SourceConfig(str(tmp_path / "mixed.jsonl")),
+            SourceConfig(str(tmp_path / "mds"))]
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -52,23 +65,25 @@ def test_beam_writes_what_the_local_runner_writes_and_resumes(sources, tokenizer
     command = ["data", "prepare", *[s.path for s in sources], "--tokenizer", str(tokenizer_dir),
                "--out", str(beam_out), "--documents-per-shard", "5", "--runner", "beam",
                "--workers", "2", "--", "--direct_running_mode=multi_processing"]
+    assert len(source_units(sources[2])) > 2  # MDS shards
     assert main(command) == 0
     printed = capsys.readouterr().out
-    assert "prepared 30 documents" in printed
+    assert "prepared 42 documents" in printed
     assert "warning: 2 bad records skipped" in printed and "mixed.jsonl:8: malformed" in printed
 
     manifest = json.loads((beam_out / "manifest.json").read_text())
-    assert manifest == local and len(manifest["shards"]) == 6
+    assert manifest == local and len(manifest["shards"]) == 9
     assert _files(beam_out) == _files(tmp_path / "local")
     stats = manifest["source_stats"][sources[1].path]
     assert stats["bad_records_skipped"] == 2 and stats["empty_skipped"] == 1
-    # The multiset of documents' token sequences: what tokenizing the good records gives.
-    direct = Counter(tuple(tokenizer.encode(text)) for source in sources
-                     for text in iter_texts(source, SourceStats(), skip_bad_records=True))
+    # The multiset of documents' token sequences: the good records tokenized, the ids kept.
+    direct = Counter(tuple(tokenizer.encode(d) if isinstance(d, str) else d)
+                     for source in sources for d in iter_documents(
+                         source, SourceStats(), tokenizer=tokenizer, skip_bad_records=True))
     from data_pipelines.prepare import open_prepared
 
     dataset, count = open_prepared(beam_out, tokenizer)
-    assert Counter(tuple(d.tolist()) for d in dataset) == direct and count == 30
+    assert Counter(tuple(d.tolist()) for d in dataset) == direct and count == 42
 
     # Interrupted: no manifest, shard 2 never written, shard 4 written but not recorded, one
     # unit never counted. The rerun redoes exactly those and leaves finished shards alone.
@@ -83,7 +98,7 @@ def test_beam_writes_what_the_local_runner_writes_and_resumes(sources, tokenizer
     assert _files(beam_out) == _files(tmp_path / "local")
     assert os.stat(beam_out / "shard-00005.array_record").st_mtime_ns == untouched
     # Finished: the same command returns the manifest without running a pipeline.
-    assert main(command[:-2]) == 0 and "prepared 30 documents" in capsys.readouterr().out
+    assert main(command[:-2]) == 0 and "prepared 42 documents" in capsys.readouterr().out
 
 
 def test_beam_options_need_the_beam_runner(capsys):

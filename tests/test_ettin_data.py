@@ -518,3 +518,44 @@ def test_batch_iterator_reports_token_shares(tmp_path, rng):
 
     text = source_summary(iterator)
     assert str(short) in text and "token share" in text and "skipped" in text
+
+
+# --- Ettin's published training order -----------------------------------------------------------
+
+
+def test_a_published_order_is_replayed_in_order_row_by_row(tmp_path, rng):
+    """`ettin-data-order`'s layout (phase folders of Parquet files with `input_ids`, bracketed,
+    and `step`) read with `shuffle: false`, directly and through `data prepare`: batch k, row j
+    is sample k * B + j when every sample fills a row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipelines.prepare import prepare
+
+    seq, rows = 24, 4
+    samples = [rng.integers(5, 261, seq - 2) for _ in range(6 * rows)]
+    for folder, first in (("checkpoint_000001", 0), ("checkpoint_000002", 3 * rows)):
+        (tmp_path / "order" / folder).mkdir(parents=True)
+        part = samples[first:first + 3 * rows]
+        pq.write_table(pa.table({
+            "input_ids": pa.array([[CLS, *s, SEP] for s in part], pa.list_(pa.uint32())),
+            "step": [first // rows + i // rows + 1 for i in range(len(part))]}),
+            tmp_path / "order" / folder / "steps_000001_to_000003.parquet", row_group_size=5)
+    tokenizer = ByteTokenizer()
+    order = str(tmp_path / "order" / "checkpoint_*" / "*.parquet")
+    prepare([SourceConfig(order, field="input_ids")], tokenizer, tmp_path / "prepared",
+            workers=1, progress=False)
+    for path in (order, str(tmp_path / "prepared")):
+        source = SourceConfig(path, field="input_ids", shuffle=False)
+        batches = make_batch_iterator(DataConfig(sources=(source,)), seq_len=seq,
+                                      global_batch_size=rows, seed=5, objective="clm",
+                                      tokenizer=tokenizer)
+        for k in range(len(samples) // rows + 2):  # then the second epoch, in the same order
+            batch = next(batches)
+            for j in range(rows):
+                expected = [CLS, *samples[(k * rows + j) % len(samples)], SEP]
+                np.testing.assert_array_equal(batch["input_ids"][j], expected, f"{path} {k} {j}")
+    shuffled = make_batch_iterator(DataConfig(sources=(SourceConfig(order, field="input_ids"),)),
+                                   seq_len=seq, global_batch_size=rows, seed=5, objective="clm",
+                                   tokenizer=tokenizer)
+    assert not np.array_equal(next(shuffled)["input_ids"][0], [CLS, *samples[0], SEP])

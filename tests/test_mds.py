@@ -262,6 +262,21 @@ def test_an_mds_directory_in_a_bucket_reads_like_a_local_one(tmp_path):
             for i in rng.permutation(len(texts)):
                 np.testing.assert_array_equal(opened.dataset[int(i)],
                                               ByteTokenizer().encode(texts[i]))
+            # `train` checks a recipe's sources before it starts: this one passes, a typo not.
+            from ettin_jax.config import load_recipe
+            from ettin_jax.errors import ConfigError
+            from ettin_jax.training.mesh import make_mesh
+            from ettin_jax.training.preflight import check_recipe_inputs
+
+            tiny = Path(__file__).parent / "recipes" / "tiny-one-phase.yaml"
+            for where in (url, url + "-typo"):
+                recipe = load_recipe(tiny, [f"data.sources=[{{path: {where}, kind: mds, "
+                                            f"field: input_ids}}]"])
+                if where == url:
+                    check_recipe_inputs(recipe, make_mesh(recipe.mesh), ByteTokenizer())
+                else:
+                    with pytest.raises(ConfigError, match="data.sources.0: MDS source .*typo"):
+                        check_recipe_inputs(recipe, make_mesh(recipe.mesh), ByteTokenizer())
         finally:
             restore_environment(before)
 
@@ -281,3 +296,27 @@ def test_only_the_last_opened_shards_stay_open(tmp_path, monkeypatch):
     for i in list(rng.permutation(len(texts))) * 2:
         np.testing.assert_array_equal(column[int(i)], ByteTokenizer().encode(texts[i]))
         assert len(column._open) <= 2
+
+
+def test_data_prepare_keeps_ettin_token_ids(tmp_path, tokenizer_dir, rng):
+    """`data prepare` of an MDS token column writes Ettin's ids, less the brackets, into shards
+    (one unit per MDS shard; tests/test_beam_prepare.py runs them through Beam)."""
+    from data_pipelines.prepare import open_prepared, prepare
+    from data_pipelines.sources import source_units
+    from data_pipelines.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    specials = tokenizer.special_tokens
+    texts = _texts(rng, 40)
+    with MDSWriter(out=str(tmp_path / "mds"), columns={"input_ids": "ndarray:uint32", "id": "str"},
+                   compression="zstd", size_limit=1024) as writer:
+        for number, text in enumerate(texts):
+            ids = [specials.cls, *tokenizer.encode(text).tolist(), specials.sep]
+            writer.write({"input_ids": np.asarray(ids, np.uint32), "id": f"doc-{number}"})
+    source = SourceConfig(str(tmp_path / "mds"), field="input_ids")
+    assert len(source_units(source)) > 2
+    manifest = prepare([source], tokenizer, tmp_path / "prepared", documents_per_shard=16,
+                       workers=1, progress=False)
+    assert manifest["documents"] == 40 and manifest["text_bytes"] == 0
+    dataset, _ = open_prepared(tmp_path / "prepared", tokenizer)
+    assert [d.tolist() for d in dataset] == [tokenizer.encode(t).tolist() for t in texts]

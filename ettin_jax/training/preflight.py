@@ -68,7 +68,9 @@ def _check_source(source, key: str) -> None:
     if kind == "prepared":
         check_prepared(source.path, key)
     elif kind not in ("bundled", "tfds"):
+        from data_pipelines.mds import read_index
+
         try:
-            source_files(source)
+            read_index(source.path) if kind == "mds" else source_files(source)
         except SourceError as err:
             raise ConfigError(f"{key}: {err}") from None

@@ -15,11 +15,11 @@ DEMO_ENV := JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu}
 install: $(STAMP)
 
 # PIP_CONSTRAINT also holds pip's build environments (setuptools) to the lock.
-$(STAMP): setup.cfg pyproject.toml $(LOCK) requirements-streaming.txt
+$(STAMP): setup.cfg pyproject.toml $(LOCK) requirements-nodeps.txt
 	python3 -m venv $(VENV)
 	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet --upgrade pip
 	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet -e '.[test,tpu]'
-	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet --no-deps -r requirements-streaming.txt
+	PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
 # Resolve setup.cfg's requirements afresh in a scratch environment and record every version.

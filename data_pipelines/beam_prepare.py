@@ -20,6 +20,7 @@ deterministically) and writes to local disks only.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -29,8 +30,16 @@ import numpy as np
 from etils.epath import Path
 
 from data_pipelines.config import SourceConfig
-from data_pipelines.prepare import PROGRESS_DIR, finished_shard, write_shard
+from data_pipelines.tokenizers import load_tokenizer
+from data_pipelines.prepare import (
+    PROGRESS_DIR,
+    TOKENIZER_DIR,
+    finished_shard,
+    tokenizer_fingerprint,
+    write_shard,
+)
 from data_pipelines.sources import (
+    PREPARE_SETTINGS,
     SourceError,
     SourceStats,
     SourceUnit,
@@ -44,12 +53,13 @@ UNITS_DIR = f"{PROGRESS_DIR}/units"
 METRICS_NAMESPACE = "ettin-jax data prepare"
 
 
-def prepare_with_beam(sources: Sequence[SourceConfig], tokenizer, out: Path, *,
+def prepare_with_beam(sources: Sequence[SourceConfig], out: Path, *,
                       documents_per_shard: int, workers: int,
                       beam_options: Sequence[str] = ()) -> dict[str, SourceStats]:
     """Runs the preparation of `sources` into the started preparation `out` (its settings and
-    tokenizer written) as a Beam pipeline and waits for it; returns what reading each source
-    fixed or skipped, by source path. The manifest is left to the caller.
+    tokenizer written: the workers load that tokenizer) as a Beam pipeline and waits for it;
+    returns what reading each source fixed or skipped, by source path. The manifest is left to
+    the caller.
 
     beam_options: Beam pipeline options (e.g. --runner=DataflowRunner --project=...); without a
     --runner, the DirectRunner runs `workers` worker processes here.
@@ -77,8 +87,7 @@ def prepare_with_beam(sources: Sequence[SourceConfig], tokenizer, out: Path, *,
         logging.CRITICAL)
     try:
         with beam.Pipeline(options=options) as pipeline:
-            _build(pipeline, numbered, sources, str(out), documents_per_shard, finished,
-                   tokenizer)
+            _build(pipeline, numbered, sources, str(out), documents_per_shard, finished)
     except Exception as err:  # a worker's SourceError reaches here as the runner's own type
         found = re.search(r"SourceError: (.+?)(?: \[while running '[^']*'\])?$", str(err),
                           re.MULTILINE)
@@ -89,22 +98,22 @@ def prepare_with_beam(sources: Sequence[SourceConfig], tokenizer, out: Path, *,
 
 
 def _build(pipeline, numbered: list, sources: Sequence[SourceConfig], out: str,
-           documents_per_shard: int, finished: frozenset[int], tokenizer) -> None:
+           documents_per_shard: int, finished: frozenset[int]) -> None:
     """Adds the three steps of the module docstring to `pipeline`."""
     import apache_beam as beam
 
     sources = list(sources)
     spread = pipeline | "units" >> beam.Create(numbered) | "spread units" >> beam.Reshuffle()
     first_documents = (spread
-                       | "count documents" >> beam.Map(_count_unit, sources, out, tokenizer)
+                       | "count documents" >> beam.Map(_count_unit, sources, out)
                        | "all counts" >> beam.combiners.ToDict()
                        | "first document of each unit" >> beam.Map(_first_documents))
     _ = (spread
          | "documents by shard" >> beam.FlatMap(_documents_by_shard, sources, documents_per_shard,
-                                                finished, tokenizer,
+                                                finished, out,
                                                 beam.pvalue.AsSingleton(first_documents))
          | "gather shards" >> beam.GroupByKey()
-         | "tokenize and write" >> beam.Map(_write_gathered_shard, out, tokenizer))
+         | "tokenize and write" >> beam.Map(_write_gathered_shard, out))
 
 
 def _shards_so_far(out: Path) -> int:
@@ -118,7 +127,7 @@ def _unit_record(out: str, unit_index: int) -> Path:
 
 
 def _count_unit(element: tuple[int, tuple[int, SourceUnit]], sources: list[SourceConfig],
-                out: str, tokenizer) -> tuple[int, int]:
+                out: str) -> tuple[int, int]:
     """Beam: (unit index, its number of documents), read once and recorded."""
     from apache_beam.metrics import Metrics
 
@@ -127,7 +136,7 @@ def _count_unit(element: tuple[int, tuple[int, SourceUnit]], sources: list[Sourc
     if record.is_file():
         return unit_index, json.loads(record.read_text())["stats"]["documents"]
     stats = SourceStats()
-    for _ in _documents(sources[source_index], stats, unit, tokenizer):
+    for _ in _documents(sources[source_index], stats, unit, out):
         pass
     storage.write_text_atomically(record, json.dumps({"unit": _unit_dict(unit),
                                                       "stats": stats.as_dict()}))
@@ -137,9 +146,23 @@ def _count_unit(element: tuple[int, tuple[int, SourceUnit]], sources: list[Sourc
 
 
 def _documents(source: SourceConfig, stats: SourceStats, unit: SourceUnit,
-               tokenizer) -> Iterator[str | np.ndarray]:
+               out: str) -> Iterator[str | np.ndarray]:
     """The documents of one unit as the local runner reads them (`prepare._prepare_locally`)."""
-    return iter_documents(source, stats, tokenizer=tokenizer, units=[unit], skip_bad_records=True)
+    return iter_documents(source, stats, tokenizer=_tokenizer(out), units=[unit],
+                          skip_bad_records=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(out: str):
+    """The tokenizer the preparation in `out` saved (read once per worker process, rather than
+    pickled into every step of the job: a tokenizer.json is megabytes, and Dataflow limits the
+    size of a job's graph)."""
+    tokenizer = load_tokenizer(storage.path(out) / TOKENIZER_DIR)
+    settings = json.loads((storage.path(out) / PREPARE_SETTINGS).read_text())
+    if tokenizer_fingerprint(tokenizer) != settings["tokenizer"]:
+        raise SourceError(f"{out}/{TOKENIZER_DIR} is not the tokenizer this preparation was "
+                          f"started with; prepare into a new directory")
+    return tokenizer
 
 
 def _unit_dict(unit: SourceUnit) -> dict:
@@ -157,13 +180,13 @@ def _first_documents(counts: dict[int, int]) -> dict[int, int]:
 
 def _documents_by_shard(element: tuple[int, tuple[int, SourceUnit]],
                         sources: list[SourceConfig], documents_per_shard: int,
-                        finished: frozenset[int], tokenizer, first_documents: dict[int, int]
+                        finished: frozenset[int], out: str, first_documents: dict[int, int]
                         ) -> Iterator[tuple[int, tuple[int, str | np.ndarray]]]:
     """Beam: (shard index, (document index, document)) for the documents of one unit (texts,
     or token arrays: `iter_documents`), except those of finished shards."""
     unit_index, (source_index, unit) = element
     index = first_documents[unit_index]
-    for document in _documents(sources[source_index], SourceStats(), unit, tokenizer):
+    for document in _documents(sources[source_index], SourceStats(), unit, out):
         shard = index // documents_per_shard
         if shard not in finished:
             yield shard, (index, document)
@@ -171,12 +194,12 @@ def _documents_by_shard(element: tuple[int, tuple[int, SourceUnit]],
 
 
 def _write_gathered_shard(gathered: tuple[int, Sequence[tuple[int, str | np.ndarray]]],
-                          out: str, tokenizer) -> int:
+                          out: str) -> int:
     """Beam: writes one shard from its (document index, document) pairs, in document order."""
     shard, documents = gathered
     in_order = sorted(documents, key=lambda pair: pair[0])
     return write_shard(storage.path(out), shard, [document for _, document in in_order],
-                       tokenizer)
+                       _tokenizer(out))
 
 
 def _stats_by_source(out: Path, sources: Sequence[SourceConfig],

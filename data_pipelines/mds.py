@@ -269,9 +269,13 @@ def _decompress(codec: str | None, data: bytes, raw_bytes: int, where: Path) -> 
         import bz2
 
         return bz2.decompress(data)
-    raise SourceError(f"{where}: compression {codec!r} is not supported (supported: none, "
-                      f"{', '.join(COMPRESSIONS)}); decompress the shards first (e.g. Ettin's "
-                      f"bin/decompress.py --decompress) or rewrite them with one of these")
+    raise _unsupported(codec, where)
+
+
+def _unsupported(codec: str | None, where) -> SourceError:
+    return SourceError(f"{where}: compression {codec!r} is not supported (supported: none, "
+                       f"{', '.join(COMPRESSIONS)}); decompress the shards first (e.g. Ettin's "
+                       f"bin/decompress.py --decompress) or rewrite them with one of these")
 
 
 def open_shard(root: str, shard: MdsShard) -> np.ndarray:
@@ -432,12 +436,12 @@ def open_column(source: SourceConfig, tokenizer=None) -> MdsColumn:
     `tokenizer` (`vocab_size`, `special_tokens`), token ids are checked against its vocabulary
     and [CLS]/[SEP] brackets stripped. Raises SourceError (no index, no such column, ...)."""
     index = read_index(source.path)
-    for shard in index.shards:
+    for shard in index.shards:  # refused before training starts, not at the shard's turn
         codec = (shard.compression or "").split(":")[0]
         if codec and codec not in COMPRESSIONS and _local_file(index.path, shard.raw.basename) \
                 is None:
-            _decompress(shard.compression, b"", 0,
-                        storage.path(index.path) / (shard.zip or shard.raw).basename)
+            raise _unsupported(shard.compression,
+                               storage.path(index.path) / (shard.zip or shard.raw).basename)
     return MdsColumn(index, source.field, tokenizer=tokenizer)
 
 

@@ -99,7 +99,7 @@ def prepare(
     if runner == "beam":
         from data_pipelines.beam_prepare import prepare_with_beam
 
-        stats = prepare_with_beam(sources, tokenizer, out, documents_per_shard=documents_per_shard,
+        stats = prepare_with_beam(sources, out, documents_per_shard=documents_per_shard,
                                   workers=workers, beam_options=beam_options)
     elif runner == "local":
         stats = _prepare_locally(sources, tokenizer, out, documents_per_shard=documents_per_shard,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -223,6 +224,28 @@ def _configure_endpoints() -> None:
         # do not serve (each call waits for a timeout); read when gcsfs is imported.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     _no_listings_cache()
+    _forget_clients_of_other_endpoints()
+
+
+ENDPOINT_VARIABLES = ("STORAGE_EMULATOR_HOST", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                      "AWS_DEFAULT_REGION", "AWS_REGION")
+_endpoints_in_use: dict[str, str | None] = {}
+
+
+def _forget_clients_of_other_endpoints() -> None:
+    """Drops the cached gcsfs / s3fs clients when the endpoint variables changed since the last
+    call: fsspec and etils keep one client per protocol, bound to the endpoint and credentials
+    of its creation, so a process that moves to another store (another emulator, a test's
+    server on a new port) would otherwise keep talking to the old one."""
+    current = {name: os.environ.get(name) for name in ENDPOINT_VARIABLES}
+    if _endpoints_in_use and current != _endpoints_in_use:
+        from etils.epath import backend
+
+        backend.fsspec_backend._get_filesystem.cache_clear()
+        for module, client in (("gcsfs", "GCSFileSystem"), ("s3fs", "S3FileSystem")):
+            if module in sys.modules:
+                getattr(sys.modules[module], client).clear_instance_cache()
+    _endpoints_in_use.update(current)
 
 
 def _no_listings_cache() -> None:

@@ -1,7 +1,7 @@
 """mosaicml-streaming's own MDS writer and reader, the reference for tests/test_mds.py.
 
 mosaicml-streaming is a test-only dependency installed without its dependencies
-(requirements-streaming.txt: it pins numpy<2.2 and transformers<5, which the locked environment
+(requirements-nodeps.txt: it pins numpy<2.2 and transformers<5, which the locked environment
 outgrows, while the MDS code it runs here needs none of those pins). Its top-level
 `streaming/__init__.py` imports the multimodal dataset zoo, which imports torchvision; this module
 registers an empty `streaming` package on the installed sources' path instead, so that only the
@@ -21,7 +21,7 @@ def _bypass_package_init() -> None:
     spec = importlib.util.find_spec("streaming")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("mosaicml-streaming is not installed: make install, or pip install "
-                          "--no-deps -r requirements-streaming.txt")
+                          "--no-deps -r requirements-nodeps.txt")
     package = types.ModuleType("streaming")
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["streaming"] = package

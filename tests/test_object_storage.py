@@ -202,6 +202,21 @@ def test_beam_prepares_from_a_bucket_into_a_bucket(servers, tokenizer_dir, tmp_p
         assert (storage.path(beam_out) / file.name).read_bytes() == file.read_bytes(), file.name
 
 
+def test_clients_follow_the_endpoint_variables(servers, tmp_path):
+    """Another store named by the variables (a server on another port) is the one written to,
+    and the first one again when the variables come back: no client of the old one is kept."""
+    url = f"s3://{BUCKET}/follow/{tmp_path.name}.txt"
+    storage.path(url).write_text("first")
+    with S3Server() as other:
+        before = set_environment(other.env)
+        try:
+            assert not storage.path(url).exists()
+            storage.path(url).write_text("other")
+        finally:
+            restore_environment(before)
+    assert storage.path(url).read_text() == "first"
+
+
 def test_two_processes_write_one_gcs_run_restored_on_one(servers, tokenizer_dir, tmp_path):
     """2 processes x 4 CPU devices train into one gs:// run dir (each writes its shards of every
     checkpoint there) with the losses of one process with 8 devices; this process (1 x 8)

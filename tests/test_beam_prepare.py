@@ -93,7 +93,8 @@ def test_beam_writes_what_the_local_runner_writes_and_resumes(sources, tokenizer
     (beam_out / PROGRESS_DIR / "00004.json").unlink()
     (beam_out / PROGRESS_DIR / "units" / "0000001.json").unlink()
     untouched = os.stat(beam_out / "shard-00005.array_record").st_mtime_ns
-    assert main(command) == 0
+    # (Beam's in-process DirectRunner this time: the same pipeline, without starting workers.)
+    assert main([*command[:-1], "--direct_running_mode=in_memory"]) == 0
     assert json.loads((beam_out / "manifest.json").read_text()) == local
     assert _files(beam_out) == _files(tmp_path / "local")
     assert os.stat(beam_out / "shard-00005.array_record").st_mtime_ns == untouched

@@ -194,7 +194,7 @@ def test_beam_prepares_from_a_bucket_into_a_bucket(servers, tokenizer_dir, tmp_p
     prepare = ["data", "prepare", f"{inputs}/*.jsonl", "--tokenizer", str(tokenizer_dir),
                "--workers", "2", "--documents-per-shard", "4"]
     beam_out = f"gs://{BUCKET}/data/{tmp_path.name}"
-    assert main([*prepare, "--out", beam_out, "--runner", "beam"]) == 0
+    assert main([*prepare, "--out", beam_out, "--runner", "beam"]) == 0  # 2 worker processes
     assert main([*prepare, "--out", str(tmp_path / "local")]) == 0
     local_files = sorted(p for p in (tmp_path / "local").glob("*") if p.is_file())
     assert len(local_files) > 3

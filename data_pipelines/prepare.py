@@ -135,9 +135,12 @@ def _prepare_locally(sources: Sequence[SourceConfig], tokenizer, out: Path, *,
 
 
 def _source_dict(source: SourceConfig) -> dict:
+    """The source as the settings of a preparation record it. Without `shuffle`: the order
+    training reads a source in is not the preparation's (and earlier preparations, recorded
+    before the field existed, stay resumable)."""
     from dataclasses import asdict
 
-    return asdict(source)
+    return {key: value for key, value in asdict(source).items() if key != "shuffle"}
 
 
 def _start_or_resume(out: Path, settings: dict, tokenizer) -> None:

@@ -543,8 +543,11 @@ def test_a_published_order_is_replayed_in_order_row_by_row(tmp_path, rng):
             tmp_path / "order" / folder / "steps_000001_to_000003.parquet", row_group_size=5)
     tokenizer = ByteTokenizer()
     order = str(tmp_path / "order" / "checkpoint_*" / "*.parquet")
-    prepare([SourceConfig(order, field="input_ids")], tokenizer, tmp_path / "prepared",
-            workers=1, progress=False)
+    prepared = prepare([SourceConfig(order, field="input_ids")], tokenizer,
+                       tmp_path / "prepared", workers=1, progress=False)
+    # How training orders a source is not a setting of its preparation: the same one.
+    assert prepare([SourceConfig(order, field="input_ids", shuffle=False)], tokenizer,
+                   tmp_path / "prepared", workers=1, progress=False) == prepared
     for path in (order, str(tmp_path / "prepared")):
         source = SourceConfig(path, field="input_ids", shuffle=False)
         batches = make_batch_iterator(DataConfig(sources=(source,)), seq_len=seq,

@@ -1,9 +1,12 @@
-"""Sources of documents: text files, JSON Lines, Parquet, TFDS, the bundled corpus and prepared
-(pre-tokenized) shards, as grain datasets of token arrays.
+"""Sources of documents: text files, JSON Lines, Parquet, TFDS, the bundled corpus, MDS
+directories (`data_pipelines.mds`) and prepared (pre-tokenized) shards, as grain datasets of token
+arrays.
 
-Text-like sources are read front to back by `iter_texts`, in `SourceUnit`s (a file, or a range
-of TFDS records: what one worker of a distributed preparation reads), counting what it had to fix
-or skip (`SourceStats`): invalid UTF-8 is replaced (and counted), empty documents are skipped (and
+Sources that are not prepared are read front to back by `iter_documents`, in `SourceUnit`s (a
+file, a range of TFDS records or of MDS shards: what one worker of a distributed preparation
+reads), as texts, or as token ids where a source stores them (an MDS or Parquet column of integer
+arrays: Ettin's released data and training order; `token_ids`). It counts what it had to fix or
+skip (`SourceStats`): invalid UTF-8 is replaced (and counted), empty documents are skipped (and
 counted), documents longer than `MAX_DOCUMENT_CHARS` are cut at line boundaries into pieces (and
 counted) so one enormous document cannot exhaust memory. Structural problems (a missing path, a
 source without documents) raise `SourceError`; so do bad records (a malformed JSON line, a missing
@@ -92,8 +95,9 @@ class SourceStats:
     def add(self, other: SourceStats) -> None:
         """Adds the counts of `other` (read after this one) to these."""
         for field in dataclasses.fields(self):
-            if field.type == "int":
-                setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+            count = getattr(self, field.name)
+            if isinstance(count, int):
+                setattr(self, field.name, count + getattr(other, field.name))
         self.first_bad_record = self.first_bad_record or other.first_bad_record
 
     def skip_bad_record(self, where: str, problem: str, *, skip: bool) -> None:

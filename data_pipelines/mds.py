@@ -29,6 +29,7 @@ algorithms and xxhash's when xxhash is installed, once per shard and process.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import decimal
 import functools
@@ -435,14 +436,23 @@ def open_column(source: SourceConfig, tokenizer=None) -> MdsColumn:
     """The column `source.field` of the MDS directory `source.path` (see `MdsColumn`); with a
     `tokenizer` (`vocab_size`, `special_tokens`), token ids are checked against its vocabulary
     and [CLS]/[SEP] brackets stripped. Raises SourceError (no index, no such column, ...)."""
-    index = read_index(source.path)
+    column = copy.copy(_checked_column(str(source.path), source.field))
+    column.tokenizer, column._open, column._lock = tokenizer, {}, threading.Lock()
+    return column
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_column(path: str, field: str) -> MdsColumn:
+    """The column, its checks over every shard of the index done once per process: preparation
+    opens it once per unit (MDS shard), and Ettin's root index lists about 10^5 shards."""
+    index = read_index(path)
     for shard in index.shards:  # refused before training starts, not at the shard's turn
         codec = (shard.compression or "").split(":")[0]
         if codec and codec not in COMPRESSIONS and _local_file(index.path, shard.raw.basename) \
                 is None:
             raise _unsupported(shard.compression,
                                storage.path(index.path) / (shard.zip or shard.raw).basename)
-    return MdsColumn(index, source.field, tokenizer=tokenizer)
+    return MdsColumn(index, field)
 
 
 def iter_mds_documents(source: SourceConfig, tokenizer=None, *,
